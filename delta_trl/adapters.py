@@ -1,0 +1,107 @@
+"""LoRA adapter plumbing shared by the trainers, the linearized teacher and merging.
+
+Everything here works in *effective-weight* space: a LoRA module with scaling ``s`` contributes ``ΔW = s·B·A``, and
+the only knob DELTA turns is ``s`` (METHOD.md §2). Scaling the per-adapter ``scaling`` entry of every
+:class:`peft.tuners.lora.LoraLayer` by a factor ``c`` therefore moves the model to ``θ0 + c·τ`` exactly, for any
+LoRA flavour whose contribution is linear in ``s`` (vanilla LoRA and rsLoRA; not DoRA or other ``lora_variant``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+
+
+def lora_layers(model: torch.nn.Module, adapter_name: str | None = None) -> list[LoraLayer]:
+    """All LoRA layers of ``model`` (optionally only those that carry ``adapter_name``)."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.scaling)
+    ]
+
+
+def check_linear_lora(model: torch.nn.Module, adapter_name: str) -> None:
+    """Raise unless ``adapter_name`` is a LoRA adapter whose output is linear in its scaling.
+
+    DoRA and the other PEFT ``lora_variant`` implementations rescale or normalise the update, so
+    ``f(θ0 + c·τ)`` is not obtained by multiplying ``scaling`` by ``c`` and the ε-trick of the teacher, the α
+    interpolation of the student and exact merging would all be wrong.
+    """
+    if isinstance(model, PeftModel):
+        config = model.peft_config.get(adapter_name)
+        if config is None:
+            raise ValueError(f"The model has no adapter named {adapter_name!r}; it has {sorted(model.peft_config)}.")
+        if not isinstance(config, LoraConfig):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is a {type(config).__name__}; DELTA needs a LoRA adapter (peft.LoraConfig)."
+            )
+        if getattr(config, "use_dora", False):
+            raise ValueError(
+                f"Adapter {adapter_name!r} uses DoRA, whose update is not linear in the LoRA scaling; DELTA's "
+                "linearization, α-interpolation and exact merging need vanilla LoRA (rsLoRA is fine). "
+                "Set use_dora=False."
+            )
+    layers = lora_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"No LoRA layer carries the adapter {adapter_name!r}.")
+    for layer in layers:
+        variant = getattr(layer, "lora_variant", {}).get(adapter_name)
+        if variant is not None:
+            raise ValueError(
+                f"Adapter {adapter_name!r} uses the LoRA variant {type(variant).__name__} on "
+                f"{type(layer).__name__}, which is not linear in the LoRA scaling; use vanilla LoRA (or rsLoRA)."
+            )
+
+
+@contextlib.contextmanager
+def scaled_adapters(model: torch.nn.Module, factors: Mapping[str, float | torch.Tensor]) -> Iterator[None]:
+    """Multiply the LoRA scaling of each named adapter by a factor (a float or a 0-d tensor) inside the block.
+
+    With factors ``{student: α, teacher: 0}`` the network computes ``f(x; θ0 + α·τ_S)``; with ``{teacher: ε}`` where
+    ``ε`` is a forward-mode dual number, the tangent of the output is ``J f(x; θ0)·τ_T`` (METHOD.md §2). Adapters
+    are never toggled (PEFT's ``disable_adapter``/``set_adapter`` flip ``requires_grad``, which breaks inside
+    ``torch.func`` transforms), so this is safe inside ``torch.func.jvp`` and leaves ``requires_grad`` alone.
+    The original python floats are restored on exit, also on error.
+    """
+    saved: list[tuple[LoraLayer, str, float]] = []
+    try:
+        for name, factor in factors.items():
+            for layer in lora_layers(model, name):
+                saved.append((layer, name, layer.scaling[name]))
+                layer.scaling[name] = layer.scaling[name] * factor
+        yield
+    finally:
+        for layer, name, value in reversed(saved):
+            layer.scaling[name] = value
+
+
+def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, teacher_r: int | None) -> LoraConfig:
+    """Add the teacher LoRA adapter, built from the student's config, and make both adapters active and trainable.
+
+    Both adapters stay active for the whole run; which one contributes is decided by :func:`scaled_adapters`.
+    ``PeftModel.active_adapter`` keeps naming the student, so PEFT's saving and the Trainer see the student as the
+    model's adapter.
+    """
+    if teacher_name in model.peft_config:
+        raise ValueError(
+            f"The model already has an adapter named {teacher_name!r}; choose another `teacher_adapter_name`."
+        )
+    teacher_config = copy.deepcopy(model.peft_config[student_name])
+    teacher_config.inference_mode = False
+    if teacher_r is not None:
+        teacher_config.r = teacher_r
+    model.add_adapter(teacher_name, teacher_config)
+    model.base_model.set_adapter([student_name, teacher_name])
+    return teacher_config
+
+
+def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The ``lora_A``/``lora_B`` parameters of one adapter, by name."""
+    suffixes = (f".lora_A.{adapter_name}.weight", f".lora_B.{adapter_name}.weight")
+    return {n: p for n, p in model.named_parameters() if n.endswith(suffixes)}

@@ -1,0 +1,186 @@
+"""The linearized LoRA model, computed with forward-mode AD along the LoRA scaling (the ε-trick, METHOD.md §2).
+
+For a teacher adapter with effective update ``τ_T = {s·B_T·A_T}``, scale its LoRA scaling by a scalar ``ε`` (all other
+adapters scaled by 0) and differentiate ``ε ↦ f(x; θ0 + ε·τ_T)`` at ``ε = 0`` with tangent 1::
+
+    primal  = f(x; θ0)                      (the base model: also the DPO reference output)
+    tangent = J_θ f(x; θ0) · τ_T            (one JVP, no dense ΔW, no functional_call)
+    f_lin(x; α·τ_T) = primal + α·tangent    (any point of the interpolation path for free)
+
+The tangent stays differentiable with respect to the teacher's ``lora_A``/``lora_B`` (reverse mode through the JVP),
+so a loss on ``f_lin`` trains the teacher in the tangent space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .adapters import check_linear_lora, lora_layers, scaled_adapters
+
+
+# Attention implementations whose kernels have a forward-mode AD formula (SDPA is forced onto its MATH backend).
+JVP_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+@dataclass(frozen=True)
+class LinearizedOutput:
+    """Primal and tangent of the output of a model linearized around θ0 along one adapter.
+
+    Attributes:
+        base_logits: ``f(x; θ0)``, shape ``(B, T, V)``. Detached.
+        tangent_logits: ``J f(x; θ0)·τ``, same shape; differentiable w.r.t. the adapter's LoRA weights.
+        base_hidden: the requested hidden states at θ0 (decoder's for encoder-decoder models), each ``(B, T, H)``.
+        tangent_hidden: their tangents, same shapes.
+    """
+
+    base_logits: torch.Tensor
+    tangent_logits: torch.Tensor
+    base_hidden: tuple[torch.Tensor, ...]
+    tangent_hidden: tuple[torch.Tensor, ...]
+
+    def logits(self, alpha: float = 1.0) -> torch.Tensor:
+        """``f_lin(x; α·τ) = f(x; θ0) + α·J f(x; θ0)·τ``."""
+        return self.base_logits + alpha * self.tangent_logits
+
+    def hidden(self, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
+        return tuple(h0 + alpha * dh for h0, dh in zip(self.base_hidden, self.tangent_hidden, strict=True))
+
+
+def check_jvp_support(model: torch.nn.Module) -> None:
+    """Raise if the model's attention kernel has no forward-mode AD (flash-attention, flex, paged...)."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation is not None and implementation not in JVP_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"The model uses attn_implementation={implementation!r}, which has no forward-mode AD, so the "
+            f"linearized teacher cannot be computed. Load the model with attn_implementation='sdpa' or 'eager' "
+            f"(SDPA is switched to its MATH kernel for the teacher pass only)."
+        )
+
+
+def num_hidden_states(config: Any) -> int:
+    """How many hidden states ``output_hidden_states=True`` returns for the (decoder) stack: layers + embeddings."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "is_encoder_decoder", False):
+        layers = getattr(text_config, "num_decoder_layers", None) or text_config.num_hidden_layers
+    else:
+        layers = text_config.num_hidden_layers
+    return layers + 1
+
+
+def check_hidden_layers(config: Any, layers: Sequence[int]) -> None:
+    """Raise if a requested hidden-state index does not exist for this model."""
+    count = num_hidden_states(config)
+    bad = [i for i in layers if not -count <= i < count]
+    if bad:
+        raise ValueError(
+            f"Hidden-state indices {bad} do not exist: the model returns {count} hidden states "
+            f"(embeddings + {count - 1} layers), so valid indices are {-count}..{count - 1}."
+        )
+    if not layers:
+        raise ValueError("At least one hidden-state index is needed (use [-1] for the last hidden state).")
+
+
+def hidden_states_of(outputs: Any, is_encoder_decoder: bool) -> tuple[torch.Tensor, ...]:
+    """The hidden-state tuple the distillation uses: the decoder's for encoder-decoder models."""
+    states = outputs.decoder_hidden_states if is_encoder_decoder else outputs.hidden_states
+    if states is None:
+        raise ValueError("The model did not return hidden states although output_hidden_states=True was passed.")
+    return states
+
+
+@contextlib.contextmanager
+def jvp_safe_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in a state where ``torch.func.jvp`` works, restoring everything on exit.
+
+    - eval mode: no dropout (T5 ``dropout_rate``, ``lora_dropout``), so the teacher is deterministic;
+    - activation checkpointing off: its recomputation is not traceable by forward AD (pytorch/functorch#993);
+    - no ``enable_input_require_grads`` hooks: their in-place ``requires_grad_`` raises inside functorch transforms;
+    - SDPA on its MATH kernel: the fused flash/efficient kernels have no forward-mode AD formula.
+    """
+    was_training = model.training
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    hooked = [
+        m for m in model.modules() if hasattr(m, "disable_input_require_grads") and getattr(m, "_require_grads_hooks", None)
+    ]
+    try:
+        model.eval()
+        for module in checkpointed:
+            module.gradient_checkpointing = False
+        for module in hooked:
+            module.disable_input_require_grads()
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for module in hooked:
+            module.enable_input_require_grads()
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+        model.train(was_training)
+
+
+def _model_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Forward kwargs without labels (the loss is computed outside), with decoder inputs built for seq2seq models."""
+    kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
+        if "labels" not in inputs:
+            raise ValueError("An encoder-decoder model needs `labels` or `decoder_input_ids` for the teacher pass.")
+        kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+    kwargs["output_hidden_states"] = True
+    kwargs["return_dict"] = True
+    return kwargs
+
+
+def linearized_forward(
+    model: PeftModel,
+    inputs: Mapping[str, Any],
+    adapter_name: str,
+    hidden_layers: Sequence[int] = (-1,),
+) -> LinearizedOutput:
+    """Primal ``f(x; θ0)`` and tangent ``J f(x; θ0)·τ`` of a PEFT model along one LoRA adapter.
+
+    Every other adapter of the model is scaled to 0 for this pass and left untouched (weights, ``requires_grad``,
+    active set). The model is run in eval mode, without activation checkpointing and with SDPA on its MATH kernel
+    (see :func:`jvp_safe_mode`); its previous state is restored.
+
+    Args:
+        model: a ``PeftModel`` (unwrapped from DDP/DeepSpeed: ``torch.func`` cannot trace the wrappers).
+        inputs: the batch (``input_ids``, ``attention_mask``, ``labels``/``decoder_input_ids``...). ``labels`` are
+            not passed to the model.
+        adapter_name: the LoRA adapter that defines the tangent ``τ``.
+        hidden_layers: indices into the hidden-state tuple (decoder's for encoder-decoder models).
+
+    Returns:
+        :class:`LinearizedOutput`. The primal is detached; the tangent carries the autograd graph to the adapter's
+        LoRA weights when grad mode is on.
+    """
+    check_linear_lora(model, adapter_name)
+    check_jvp_support(model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
+    kwargs = _model_inputs(base, inputs)
+    others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
+
+    def forward(eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with scaled_adapters(model, {adapter_name: eps}):
+            outputs = model(**kwargs)
+        hidden = hidden_states_of(outputs, is_encoder_decoder)
+        return (outputs.logits, *(hidden[i] for i in hidden_layers))
+
+    zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    with jvp_safe_mode(model), scaled_adapters(model, others):
+        primals, tangents = torch.func.jvp(forward, (zero,), (torch.ones_like(zero),))
+    return LinearizedOutput(
+        base_logits=primals[0].detach(),
+        tangent_logits=tangents[0],
+        base_hidden=tuple(p.detach() for p in primals[1:]),
+        tangent_hidden=tuple(tangents[1:]),
+    )

@@ -1,0 +1,96 @@
+"""Offline, CPU-first test kit: tiny random models and an in-memory tokenizer, built in process."""
+
+import os
+
+
+# Shared 2-core machines: OpenMP threads spin under contention. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+
+torch.set_num_threads(1)
+
+TOKENIZER_TEXTS = [
+    "premise: a man plays a guitar. hypothesis: a person makes music. entailment",
+    "premise: the cat sleeps. hypothesis: the cat runs. contradiction",
+    "What is 2 + 3? 5. What is 7 + 1? 8. The capital of France is Paris.",
+    "yes no maybe neutral entailment contradiction 0 1 2 3 4 5 6 7 8 9",
+]
+
+
+def make_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences (3 ms, no download); round-trips any text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TOKENIZER_TEXTS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def make_llama(vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config)
+
+
+def make_t5(vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    config._attn_implementation = attn_implementation
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer(vocab_size=300)
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_llama()
+
+
+@pytest.fixture
+def tiny_t5() -> T5ForConditionalGeneration:
+    return make_t5()
