@@ -84,7 +84,8 @@ def scaled_adapters(model: torch.nn.Module, factors: Mapping[str, float | torch.
 def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, teacher_r: int | None) -> LoraConfig:
     """Add the teacher LoRA adapter, built from the student's config, and make both adapters active and trainable.
 
-    Both adapters stay active for the whole run; which one contributes is decided by :func:`scaled_adapters`.
+    Both adapters stay active (and trainable) for the whole run, and the teacher is parked (:func:`park_adapter`),
+    so every forward pass sees the student alone unless the teacher is explicitly unparked.
     ``PeftModel.active_adapter`` keeps naming the student, so PEFT's saving and the Trainer see the student as the
     model's adapter.
     """
@@ -98,6 +99,7 @@ def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, 
         teacher_config.r = teacher_r
     model.add_adapter(teacher_name, teacher_config)
     model.base_model.set_adapter([student_name, teacher_name])
+    park_adapter(model, teacher_name)
     return teacher_config
 
 
@@ -105,3 +107,29 @@ def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, t
     """The ``lora_A``/``lora_B`` parameters of one adapter, by name."""
     suffixes = (f".lora_A.{adapter_name}.weight", f".lora_B.{adapter_name}.weight")
     return {n: p for n, p in model.named_parameters() if n.endswith(suffixes)}
+
+
+@contextlib.contextmanager
+def unparked(model: torch.nn.Module, adapter_name: str) -> Iterator[None]:
+    """Give a parked adapter (see :func:`park_adapter`) its real scaling back inside the block."""
+    layers = lora_layers(model, adapter_name)
+    try:
+        for layer in layers:
+            layer.scaling[adapter_name] = layer.delta_trl_parked_scaling[adapter_name]
+        yield
+    finally:
+        for layer in layers:
+            layer.scaling[adapter_name] = 0.0
+
+
+def park_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """Keep an active, trainable adapter out of every forward pass by storing its scaling aside and zeroing it.
+
+    The teacher is parked for the whole run, so generation, evaluation and any forward a user makes see the student
+    alone; only the teacher pass (:func:`unparked`) gives it its scaling back.
+    """
+    for layer in lora_layers(model, adapter_name):
+        if not hasattr(layer, "delta_trl_parked_scaling"):
+            layer.delta_trl_parked_scaling = {}
+        layer.delta_trl_parked_scaling[adapter_name] = layer.scaling[adapter_name]
+        layer.scaling[adapter_name] = 0.0

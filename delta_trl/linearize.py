@@ -108,7 +108,9 @@ def jvp_safe_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     hooked = [
-        m for m in model.modules() if hasattr(m, "disable_input_require_grads") and getattr(m, "_require_grads_hooks", None)
+        m
+        for m in model.modules()
+        if hasattr(m, "disable_input_require_grads") and getattr(m, "_require_grads_hooks", None)
     ]
     try:
         model.eval()

