@@ -11,7 +11,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .adapters import scaled_adapters, unparked
 from .configs import DeltaConfig
-from .linearize import hidden_states_of, linearized_forward
+from .linearize import forward_kwargs, hidden_states_of, linearized_forward
 from .losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
 from .trainer_base import DeltaTrainerMixin, prepare_delta_model
 
@@ -43,6 +43,11 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
             raise ValueError(
                 "A `linear`-mode adapter must be evaluated linearized, and generation cannot be: set "
                 "predict_with_generate=False (the eval loss and logits are linearized)."
+            )
+        if args.delta_mode != "nonlinear" and (args.label_smoothing_factor or trainer_kwargs.get("compute_loss_func")):
+            raise ValueError(
+                f"delta_mode={args.delta_mode!r} computes its token-level losses itself: label_smoothing_factor and "
+                "compute_loss_func are only supported with delta_mode='nonlinear'."
             )
         model = prepare_delta_model(model, peft_config, args)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
@@ -83,10 +88,10 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
             self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
             return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
 
+        student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
         with scaled_adapters(unwrapped, {self._student_name: alpha}):
-            task_loss, outputs = super().compute_loss(
-                model, {**inputs, "output_hidden_states": training}, True, num_items_in_batch
-            )
+            outputs = model(**student_kwargs)
+        task_loss = token_cross_entropy(outputs.logits, labels, shift=shift, num_items=num_items) * scale
         if not training:
             self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
             return (task_loss, outputs) if return_outputs else task_loss
@@ -102,7 +107,8 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
         )
         metrics = {"delta/alpha": alpha, "delta/task_loss_at_alpha": as_mean(task_loss)}
         if not args.task_loss_at_alpha and alpha != 1.0:
-            task_loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+            logits_at_one = model(**{**student_kwargs, "output_hidden_states": False}).logits
+            task_loss = token_cross_entropy(logits_at_one, labels, shift=shift, num_items=num_items) * scale
         loss = delta_objective(
             task_loss,
             distill_loss=distill_loss,

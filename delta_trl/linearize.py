@@ -96,40 +96,47 @@ def hidden_states_of(outputs: Any, is_encoder_decoder: bool) -> tuple[torch.Tens
     return states
 
 
+# Forward hooks that call `output.requires_grad_()`: transformers' `enable_input_require_grads` (also registered by
+# `activation_checkpointing_enable`, sometimes twice, with only the last handle kept) and PEFT's k-bit preparation.
+_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
 @contextlib.contextmanager
 def jvp_safe_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put ``model`` in a state where ``torch.func.jvp`` works, restoring everything on exit.
 
     - eval mode: no dropout (T5 ``dropout_rate``, ``lora_dropout``), so the teacher is deterministic;
     - activation checkpointing off: its recomputation is not traceable by forward AD (pytorch/functorch#993);
-    - no ``enable_input_require_grads`` hooks: their in-place ``requires_grad_`` raises inside functorch transforms;
+    - no input-embedding ``requires_grad_`` hooks: an in-place ``requires_grad_`` raises inside functorch transforms;
     - SDPA on its MATH kernel: the fused flash/efficient kernels have no forward-mode AD formula.
     """
     was_training = model.training
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    hooked = [
-        m
-        for m in model.modules()
-        if hasattr(m, "disable_input_require_grads") and getattr(m, "_require_grads_hooks", None)
+    hooks = [
+        (module, key, hook)
+        for module in model.modules()
+        for key, hook in list(module._forward_hooks.items())
+        if getattr(hook, "__name__", "") in _REQUIRE_GRADS_HOOKS
     ]
     try:
         model.eval()
         for module in checkpointed:
             module.gradient_checkpointing = False
-        for module in hooked:
-            module.disable_input_require_grads()
+        for module, key, _ in hooks:
+            del module._forward_hooks[key]
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        for module in hooked:
-            module.enable_input_require_grads()
+        for module, key, hook in hooks:
+            module._forward_hooks[key] = hook
         for module in checkpointed:
             module.gradient_checkpointing = True
         model.train(was_training)
 
 
-def _model_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Forward kwargs without labels (the loss is computed outside), with decoder inputs built for seq2seq models."""
+def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Forward kwargs without labels (the loss is computed outside, token-exact), with hidden states requested and
+    decoder inputs built from the labels for encoder-decoder models."""
     kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
     config = model.config
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
@@ -168,7 +175,7 @@ def linearized_forward(
     check_jvp_support(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
-    kwargs = _model_inputs(base, inputs)
+    kwargs = forward_kwargs(base, inputs)
     others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
 
     def forward(eps: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -63,14 +64,14 @@ def prepare_delta_model(model: Any, peft_config: PeftConfig | None, args: DeltaA
 
 
 @contextlib.contextmanager
-def _adapter_hidden_from_saving(model: PeftModel, adapter_name: str | None) -> Iterator[None]:
-    # PeftModel.save_pretrained writes every adapter of `peft_config`; the saved model must be the student alone.
-    config = model.peft_config.pop(adapter_name, None) if adapter_name else None
+def _saving_only(model: PeftModel, adapter_name: str) -> Iterator[None]:
+    # PeftModel.save_pretrained writes every adapter unless told otherwise, and the Trainer does not tell it: the
+    # saved model must be the student alone, while the Trainer's own saving logic (DeepSpeed, FSDP, sharding...) stays.
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, selected_adapters=[adapter_name])
     try:
         yield
     finally:
-        if config is not None:
-            model.peft_config[adapter_name] = config
+        del model.save_pretrained
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -87,8 +88,7 @@ def _atomic_write(path: Path, write) -> None:
 class DeltaTrainerMixin:
     """Mixed in before a ``transformers``/TRL trainer class. Expects ``self.args`` to carry :class:`DeltaArguments`."""
 
-    # Every DELTA term is normalised exactly like the parent's task loss (by `num_items_in_batch` when the model
-    # accepts loss kwargs, per micro-batch otherwise), so the parent's inference of this flag stays correct.
+    # `None` (the parent's inference) in `nonlinear` mode; otherwise set by `_loss_normalisation` for each batch.
     loss_is_scaled_for_ga = None
 
     def _init_delta(self) -> None:
@@ -126,8 +126,16 @@ class DeltaTrainerMixin:
         )
 
     def _loss_normalisation(self, num_items_in_batch: torch.Tensor | int | None) -> tuple[Any, int]:
-        """``(N, scale)`` so that ``term = sum / N · scale`` matches how the parent normalises its task loss."""
-        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+        """``(N, scale)`` such that every token-level term ``sum / N · scale`` is exact under accumulation and DDP.
+
+        With the Trainer's count of supervised tokens over the optimizer step (and processes), each term is
+        ``sum / N`` (times the process count, which DDP's gradient averaging divides back out) and already scaled
+        for gradient accumulation. Without it, terms are micro-batch means and the Trainer divides by the
+        accumulation steps. The DELTA modes compute the student's cross-entropy themselves for this reason: some
+        models (T5) return a micro-batch mean even when given ``num_items_in_batch``.
+        """
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is None:
             return None, 1
         scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         return num_items_in_batch, scale
@@ -162,7 +170,7 @@ class DeltaTrainerMixin:
         """
         output_dir = output_dir or self.args.output_dir
         unwrapped = self.accelerator.unwrap_model(self.model)
-        with _adapter_hidden_from_saving(unwrapped, self._teacher_name):
+        with _saving_only(unwrapped, self._student_name):
             super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return

@@ -46,7 +46,9 @@ def make_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def make_llama(vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+def make_llama(
+    vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int = 0, initializer_range: float = 0.02
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -58,12 +60,15 @@ def make_llama(vocab_size: int = 300, attn_implementation: str = "sdpa", seed: i
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=1,
+        initializer_range=initializer_range,
     )
     config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config)
 
 
-def make_t5(vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int = 0) -> T5ForConditionalGeneration:
+def make_t5(
+    vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int = 0, dropout_rate: float = 0.0
+) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=vocab_size,
@@ -76,6 +81,7 @@ def make_t5(vocab_size: int = 300, attn_implementation: str = "sdpa", seed: int 
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
+        dropout_rate=dropout_rate,
     )
     config._attn_implementation = attn_implementation
     return T5ForConditionalGeneration(config)
@@ -94,3 +100,40 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_t5() -> T5ForConditionalGeneration:
     return make_t5()
+
+
+def addition_rows(tokenizer, n: int = 16, seq2seq: bool = False) -> list[dict]:
+    """Tokenized "What is a + b?" -> " c" examples of varying lengths; labels only on the answer (causal) or
+    the whole target (seq2seq)."""
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (3 * i) % 5
+        prompt = tokenizer(f"What is {a} + {b}?" + " please" * (i % 3)).input_ids
+        answer = tokenizer(f" {a + b}" + "!" * (i % 2)).input_ids + [tokenizer.eos_token_id]
+        if seq2seq:
+            rows.append({"input_ids": prompt, "attention_mask": [1] * len(prompt), "labels": answer})
+        else:
+            ids = prompt + answer
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def delta_config(tmp_path, **overrides):
+    from delta_trl import DeltaConfig
+
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "per_device_train_batch_size": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    defaults.update(overrides)
+    return DeltaConfig(**defaults)
