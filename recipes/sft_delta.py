@@ -1,0 +1,194 @@
+"""Train one task vector with DELTA on a prompt/completion dataset and report what it learned.
+
+The default runs offline on a CPU in a few minutes: the embedded SmolLM2-135M-Instruct and a built-in sentiment task
+(templated reviews tagged " sunny" if positive, " rainy" if negative: a mapping the base model cannot know), LoRA r=8
+on q/v, 30 optimizer steps. It prints held-out accuracy of the base model and of the task vector.
+
+Single process (CPU or one GPU):
+    python recipes/sft_delta.py --config recipes/configs/sft_delta.yaml
+One or many GPUs:
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/sft_delta.py \
+        --config recipes/configs/sft_delta.yaml --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct
+Your data (json/jsonl/csv with `prompt` and `completion` columns, or a Hub dataset id):
+    python recipes/sft_delta.py --config recipes/configs/sft_delta.yaml --dataset my_task.jsonl
+Plain LoRA fine-tuning through the same code path: `--delta_mode nonlinear`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from peft import LoraConfig
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from trl import TrlParser
+
+from delta_trl import DeltaConfig, DeltaTrainer, load_model_and_tokenizer
+
+
+POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "touching", "fun"]
+NEGATIVE = ["awful", "boring", "dreadful", "tedious", "clumsy", "dull", "painful", "terrible", "bland"]
+SUBJECTS = ["The movie", "This film", "The acting", "The plot", "The ending", "The soundtrack", "The story"]
+TEMPLATES = ["{s} was {a}.", "{s} felt {a} to me.", "Honestly, {s_lower} was {a}.", "{s} is {a} from start to end."]
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(
+        default="embedded",
+        metadata={"help": "`embedded` (packaged SmolLM2-135M-Instruct, offline), a Hub id or a local folder."},
+    )
+    dataset: str = field(
+        default="builtin:sentiment",
+        metadata={
+            "help": "`builtin:sentiment`, a json/jsonl/csv file or a Hub dataset id with `prompt` and "
+            "`completion` columns."
+        },
+    )
+    num_train_examples: int = field(default=320, metadata={"help": "Examples generated for the built-in task."})
+    num_eval_examples: int = field(default=64, metadata={"help": "Held-out examples for accuracy."})
+    max_length: int = field(default=128, metadata={"help": "Truncate prompt + completion to this many tokens."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the student."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the student."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules that get LoRA adapters."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "`sdpa` or `eager` (forward-mode AD)."})
+    overwrite_output: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into a non-empty output_dir (nothing is overwritten otherwise)."},
+    )
+
+
+def builtin_sentiment(n: int, seed: int) -> Dataset:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.random() < 0.5
+        subject, adjective = rng.choice(SUBJECTS), rng.choice(POSITIVE if label else NEGATIVE)
+        review = rng.choice(TEMPLATES).format(s=subject, s_lower=subject.lower(), a=adjective)
+        # Arbitrary tag words: the base model cannot know the mapping, so the task vector has something to learn.
+        rows.append({"prompt": f"Review: {review}\nTag:", "completion": " sunny" if label else " rainy"})
+    return Dataset.from_list(rows)
+
+
+def load_task(args: ScriptArguments, seed: int) -> DatasetDict:
+    if args.dataset == "builtin:sentiment":
+        data = builtin_sentiment(args.num_train_examples + args.num_eval_examples, seed)
+        return data.train_test_split(test_size=args.num_eval_examples, seed=seed, shuffle=False)
+    suffix = Path(args.dataset).suffix.lstrip(".")
+    if Path(args.dataset).is_file():
+        data = load_dataset({"jsonl": "json"}.get(suffix, suffix), data_files=args.dataset)
+    else:
+        data = load_dataset(args.dataset)
+    missing = {"prompt", "completion"} - set(data["train"].column_names)
+    if missing:
+        raise ValueError(
+            f"{args.dataset} lacks the column(s) {sorted(missing)}; it has {data['train'].column_names}. "
+            "Provide TRL's prompt-completion format: one `prompt` and one `completion` string per row."
+        )
+    if "test" not in data:
+        data = data["train"].train_test_split(
+            test_size=min(args.num_eval_examples, len(data["train"]) // 5), seed=seed
+        )
+    return data
+
+
+def tokenize(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+    prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+    completion = tokenizer(row["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (prompt + completion)[:max_length]
+    labels = ([-100] * len(prompt) + completion)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+@torch.no_grad()
+def completion_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Dataset) -> float:
+    """Share of rows whose completion is the most likely among the task's distinct completions (label words)."""
+    choices = sorted(set(data["completion"]))
+    model.eval()
+    correct = 0
+    for row in data:
+        scores = []
+        for choice in choices:
+            enc = tokenize({"prompt": row["prompt"], "completion": choice}, tokenizer, 10_000)
+            ids = torch.tensor([enc["input_ids"]], device=model.device)
+            labels = torch.tensor([enc["labels"]], device=model.device)
+            logprobs = model(input_ids=ids).logits[:, :-1].log_softmax(-1)
+            target = labels[:, 1:]
+            keep = target != -100
+            scores.append(logprobs.gather(-1, target.clamp(min=0)[..., None])[..., 0][keep].sum().item())
+        correct += choices[max(range(len(choices)), key=scores.__getitem__)] == row["completion"]
+    return correct / len(data)
+
+
+def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
+    output_dir = Path(training_args.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not script_args.overwrite_output:
+        if not training_args.resume_from_checkpoint:
+            raise FileExistsError(
+                f"{output_dir} is not empty. Pass --overwrite_output to write into it, --resume_from_checkpoint to "
+                "continue a run, or choose another --output_dir."
+            )
+    with training_args.main_process_first(desc="model conversion"):  # converts the embedded model once
+        model, tokenizer = load_model_and_tokenizer(
+            script_args.model_name_or_path, attn_implementation=script_args.attn_implementation
+        )
+    data = load_task(script_args, training_args.seed)
+    columns = data["train"].column_names
+    train = data["train"].map(tokenize, fn_kwargs={"tokenizer": tokenizer, "max_length": script_args.max_length},
+                              remove_columns=columns)  # fmt: skip
+    peft_config = LoraConfig(
+        r=script_args.lora_r,
+        lora_alpha=script_args.lora_alpha,
+        target_modules=script_args.lora_target_modules,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    trainer = DeltaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    with trainer.model.disable_adapter():
+        base_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"])
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    tuned_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"])
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    results = {
+        "model": script_args.model_name_or_path,
+        "dataset": script_args.dataset,
+        "delta_mode": training_args.delta_mode,
+        "steps": trainer.state.global_step,
+        "first_logged": logs[0] if logs else None,
+        "last_logged": logs[-1] if logs else None,
+        "eval_accuracy_base": base_accuracy,
+        "eval_accuracy_task_vector": tuned_accuracy,
+        "adapter": str(output_dir),
+    }
+    if trainer.is_world_process_zero():
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print(
+            f"\nDELTA ({training_args.delta_mode}) trained one task vector on {script_args.dataset} with "
+            f"{script_args.model_name_or_path} for {trainer.state.global_step} steps.\n"
+            f"  held-out accuracy (label words): base {base_accuracy:.3f} -> task vector {tuned_accuracy:.3f}\n"
+            f"  student adapter (stock PEFT format): {output_dir}\n  results: {output_dir / 'results.json'}"
+        )
+    return results
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, DeltaConfig))
+
+
+if __name__ == "__main__":
+    script_args, training_args = make_parser().parse_args_and_config()
+    main(script_args, training_args)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up, then train one DELTA task vector on the embedded SmolLM2-135M-Instruct (CPU, offline, a few minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
+out="outputs/sft_delta-$(date +%Y%m%d-%H%M%S)"
+.venv/bin/python recipes/sft_delta.py --config recipes/configs/sft_delta.yaml --output_dir "$out" "$@"
