@@ -355,7 +355,13 @@ def _write_merge(plan: MergePlan) -> MergeResult:
         "method": plan.method.value,
         "base_model": first.config.base_model_name_or_path,
         "task_vectors": [
-            {"source": a.source, "coefficient": c, "delta_trl": a.metadata}
+            # `name` is what a model card shows: a hub id, or the folder name rather than a local absolute path.
+            {
+                "name": a.path.name if Path(a.source).is_dir() else a.source,
+                "source": a.source,
+                "coefficient": c,
+                "delta_trl": a.metadata,
+            }
             for a, c in zip(plan.adapters, plan.coefficients, strict=True)
         ],
         "output": "model" if plan.fold_into_base else "adapter",
