@@ -71,44 +71,63 @@ def load_classification_file(
     text_column: str = "text",
     label_column: str = "label",
     label_words: Sequence[str] | None = None,
+    *,
+    label_prefix: str = "",
+    head: bool = False,
 ) -> ClassificationSet:
     """Read a ``.jsonl``, ``.json`` (list of records) or ``.csv`` file into a :class:`ClassificationSet`.
 
-    Labels may be class indices or, when ``label_words`` is given, the label words themselves.
+    Args:
+        label_words: the verbaliser in class order; labels in the file may be these words or class indices. If
+            ``None`` and every label is a word, the sorted distinct labels of the file become the verbaliser.
+        label_prefix: prepended to every label word before scoring (e.g. ``" "`` for byte-level BPE tokenizers).
+        head: labels are class indices of a sequence-classification head (no verbaliser).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Evaluation file {str(path)!r} does not exist.")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text())
-    elif path.suffix == ".csv":
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        raise ValueError(f"Unsupported evaluation file type {path.suffix!r}; use .jsonl, .json or .csv.")
+    rows = _read_records(Path(path))
     missing = {c for c in (text_column, label_column) for row in rows if c not in row or row[c] in (None, "")}
     if missing:
         raise ValueError(
             f"{str(path)!r} has rows without the column(s) {sorted(missing)}; α selection needs a text and a label "
             "per row (set --text-column/--label-column)."
         )
-    labels = [_label_index(row[label_column], label_words) for row in rows]
-    return ClassificationSet(
-        [str(row[text_column]) for row in rows], labels, list(label_words) if label_words else None
-    )
+    texts = [str(row[text_column]) for row in rows]
+    raw = [row[label_column] for row in rows]
+    if head:
+        return ClassificationSet(texts, [_label_index(v, None) for v in raw], None)
+    if label_words is None:
+        if any(_is_index(v) for v in raw):
+            raise ValueError(
+                f"{str(path)!r} has integer labels: give the label words in class order (generative "
+                "classification) or use a sequence-classification head (head=True / --head)."
+            )
+        label_words = sorted({str(v) for v in raw})
+    labels = [_label_index(v, label_words) for v in raw]
+    return ClassificationSet(texts, labels, [label_prefix + w for w in label_words])
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Evaluation file {str(path)!r} does not exist.")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    raise ValueError(f"Unsupported evaluation file type {path.suffix!r}; use .jsonl, .json or .csv.")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
 
 
 def _label_index(value: Any, label_words: Sequence[str] | None) -> int:
     if label_words is not None and str(value) in label_words:
         return list(label_words).index(str(value))
-    try:
-        return int(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"Label {value!r} is neither a class index nor one of the label words {label_words}."
-        ) from err
+    if not _is_index(value):
+        raise ValueError(f"Label {value!r} is neither a class index nor one of the label words {label_words}.")
+    return int(value)
 
 
 def load_task_adapters(
