@@ -373,17 +373,18 @@ def _write_merge(plan: MergePlan) -> MergeResult:
         deltas = merged_deltas(plan)
         _finite_or_raise(deltas, "merged update")
         model = plan.base_model
-        originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+        params = dict(model.named_parameters())
+        # Only the target weights change; keep copies of those to hand the caller's instance back unchanged.
+        originals = {key: params[key].detach().clone() for key in (f"{_module_path(n)}.weight" for n in deltas)}
         try:
             fold_into_model(model, deltas, first.config.fan_in_fan_out)
             with atomic_output_dir(plan.output_dir, plan.overwrite) as tmp:
                 model.save_pretrained(tmp)
                 write_json(tmp / MERGE_REPORT, report)
         finally:
-            # The caller's model instance must come back unchanged.
             with torch.no_grad():
-                for name, param in model.named_parameters():
-                    param.copy_(originals[name])
+                for key, value in originals.items():
+                    params[key].copy_(value)
         return MergeResult(plan.output_dir, report)
 
     if plan.method is MergeMethod.TASK_ARITHMETIC:

@@ -96,3 +96,13 @@ def test_single_task_vector_card(tmp_path):
     assert "unknown (no delta_trl.json)" in readme
     with pytest.raises(ValueError, match="already exists"):
         stage_for_hub(tmp_path / "task", tmp_path / "out", base_model="org/tiny-llama")
+
+
+def test_folded_model_card(merged, tmp_path):
+    adapters = [tmp_path / "t0", tmp_path / "t1"]
+    merge_adapters(adapters, [1.0, 1.0], tmp_path / "model", fold_into_base=True, base_model=make_llama())
+    staged = stage_for_hub(tmp_path / "model", tmp_path / "out")
+    meta = front_matter((staged / "README.md").read_text())
+    assert meta["library_name"] == "transformers"
+    assert meta["base_model"] == "org/tiny-llama"
+    assert (staged / "config.json").is_file()

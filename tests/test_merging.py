@@ -248,3 +248,37 @@ def test_baselines_write_refactored_adapter_with_error(two_adapters, tmp_path, m
     merged = PeftModel.from_pretrained(make_llama(), result.output_dir)
     ids = torch.randint(2, 300, (1, 5))
     assert torch.isfinite(merged(input_ids=ids).logits).all()
+
+
+def test_task_vector_algebra(two_adapters, tmp_path):
+    from delta_trl.task_vector import TaskVector
+
+    a, b = two_adapters
+    ta, tb = TaskVector.from_adapter(a), TaskVector.from_adapter(b)
+    combo = 0.7 * ta - 1.3 * tb
+    expected = {k: 0.7 * v for k, v in explicit_deltas(a, PLAIN).items()}
+    for k, v in explicit_deltas(b, RS).items():
+        expected[k] = expected[k] - 1.3 * v
+    for name, delta in combo.deltas.items():
+        torch.testing.assert_close(delta.double(), expected[name.removeprefix("base_model.model.") + ".weight"])
+    assert ta.dot(ta) == pytest.approx(ta.norm() ** 2)
+    assert ta.cosine(ta) == pytest.approx(1.0)
+
+    folded = merge_adapters([a, b], [0.7, -1.3], tmp_path / "folded", fold_into_base=True, base_model=make_llama())
+    model = combo.apply_to(make_llama())
+    reference = LlamaForCausalLM.from_pretrained(folded.output_dir)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+    partial = TaskVector(dict(list(ta.deltas.items())[:1]))
+    with pytest.raises(ValueError, match="different modules"):
+        ta + partial
+    with pytest.raises(TypeError):
+        ta * ta
+
+
+def test_unreachable_hub_id_is_file_not_found(two_adapters, tmp_path):
+    """conftest sets HF_HUB_OFFLINE=1: an `owner/name` that is no local folder cannot be fetched."""
+    with pytest.raises(FileNotFoundError, match="neither a local adapter folder nor a downloadable hub repo"):
+        merge_adapters([two_adapters[0], "nobody/no-such-adapter"], None, tmp_path / "out")
+    assert no_partial_output(tmp_path, "out")
