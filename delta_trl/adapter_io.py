@@ -181,3 +181,18 @@ def load_adapter(source: str | os.PathLike) -> LoadedAdapter:
     if orphans or not modules:
         raise ValueError(f"{source!r} has no complete LoRA module (lora_B without lora_A: {orphans[:3]}).")
     return LoadedAdapter(source, path, config, modules, read_delta_trl_metadata(path))
+
+
+def load_base_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
+    """Load a base model folder (or hub id) with the class named in its config's ``architectures``."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(
+            f"Cannot tell which model class to load for {str(name_or_path)!r} (config.architectures="
+            f"{architectures}); load the model yourself and pass the instance as `base_model`."
+        )
+    return model_class.from_pretrained(name_or_path)

@@ -23,7 +23,6 @@ atomically (:func:`delta_trl._utils.atomic_output_dir`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from ._utils import atomic_output_dir, check_output_dir, write_json
-from .adapter_io import LoadedAdapter, load_adapter
+from .adapter_io import LoadedAdapter, load_adapter, load_base_model
 from .merge_methods import MergeMethod, check_density, combine_with_method, low_rank_factors
 
 
@@ -176,21 +175,6 @@ def _check_base_shapes(model: torch.nn.Module, adapter: LoadedAdapter) -> None:
                 f"Shape mismatch for {key!r}: base model weight {tuple(weight.shape)}, adapter ΔW {expected}; it is "
                 f"not the model the adapter was trained on ({adapter.config.base_model_name_or_path!r})."
             )
-
-
-def load_base_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
-    """Load a base model folder (or hub id) with the class named in its config's ``architectures``."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        raise ValueError(
-            f"Cannot tell which model class to load for {str(name_or_path)!r} (config.architectures="
-            f"{architectures}); load the model yourself and pass the instance as `base_model`."
-        )
-    return model_class.from_pretrained(name_or_path)
 
 
 def merged_deltas(plan: MergePlan) -> dict[str, torch.Tensor]:
@@ -370,45 +354,46 @@ def _write_merge(plan: MergePlan) -> MergeResult:
         report["density"] = plan.density
         report["seed"] = plan.seed
     if plan.fold_into_base:
-        deltas = merged_deltas(plan)
-        _finite_or_raise(deltas, "merged update")
-        model = plan.base_model
-        params = dict(model.named_parameters())
-        # Only the target weights change; keep copies of those to hand the caller's instance back unchanged.
-        originals = {key: params[key].detach().clone() for key in (f"{_module_path(n)}.weight" for n in deltas)}
-        try:
-            fold_into_model(model, deltas, first.config.fan_in_fan_out)
-            with atomic_output_dir(plan.output_dir, plan.overwrite) as tmp:
-                model.save_pretrained(tmp)
-                write_json(tmp / MERGE_REPORT, report)
-        finally:
-            with torch.no_grad():
-                for key, value in originals.items():
-                    params[key].copy_(value)
-        return MergeResult(plan.output_dir, report)
-
-    if plan.method is MergeMethod.TASK_ARITHMETIC:
-        state, ranks = concatenate_adapters(plan.adapters, plan.coefficients)
+        _write_folded(plan, report)
     else:
-        _, ranks = concatenate_adapters(plan.adapters, plan.coefficients)
-        state, errors = _refactored_adapter(merged_deltas(plan), ranks)
-        report["svd_relative_error"] = {"max": max(errors.values()), "per_module": errors}
-    _finite_or_raise(state, "merged adapter")
-    report["ranks"] = ranks
-    dtype = first.dtype
-    config = _merged_config(first.config, ranks)
-    with atomic_output_dir(plan.output_dir, plan.overwrite) as tmp:
-        save_file(
-            {k: v.to(dtype).contiguous() for k, v in state.items()},
-            tmp / "adapter_model.safetensors",
-            {"format": "pt"},
-        )
-        config.save_pretrained(tmp)
-        write_json(tmp / MERGE_REPORT, report)
+        _write_adapter(plan, report)
     return MergeResult(plan.output_dir, report)
 
 
-def read_merge_report(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``merge_report.json`` of a merged folder (empty dict if absent)."""
-    path = Path(folder) / MERGE_REPORT
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _write_folded(plan: MergePlan, report: dict[str, Any]) -> None:
+    """Fold the merged update into the base model, ``save_pretrained`` it, and restore the caller's weights."""
+    deltas = merged_deltas(plan)
+    _finite_or_raise(deltas, "merged update")
+    model = plan.base_model
+    params = dict(model.named_parameters())
+    # Only the target weights change; keep copies of those to hand the caller's instance back unchanged.
+    originals = {key: params[key].detach().clone() for key in (f"{_module_path(n)}.weight" for n in deltas)}
+    try:
+        fold_into_model(model, deltas, plan.adapters[0].config.fan_in_fan_out)
+        with atomic_output_dir(plan.output_dir, plan.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            write_json(tmp / MERGE_REPORT, report)
+    finally:
+        with torch.no_grad():
+            for key, value in originals.items():
+                params[key].copy_(value)
+
+
+def _write_adapter(plan: MergePlan, report: dict[str, Any]) -> None:
+    """Write the merged LoRA adapter: exact concatenation, or SVD re-factoring for TIES/DARE."""
+    first = plan.adapters[0]
+    if plan.method is MergeMethod.TASK_ARITHMETIC:
+        state, ranks = concatenate_adapters(plan.adapters, plan.coefficients)
+    else:
+        ranks = {name: sum(a.modules[name].rank for a in plan.adapters) for name in plan.modules}
+        state, errors = _refactored_adapter(merged_deltas(plan), ranks)
+        report["svd_relative_error"] = {"max": max(errors.values()), "per_module": errors}
+    report["ranks"] = ranks
+    # Check after the cast: α·s·B can overflow a half-precision adapter dtype.
+    state = {k: v.to(first.dtype).contiguous() for k, v in state.items()}
+    _finite_or_raise(state, "merged adapter")
+    config = _merged_config(first.config, ranks)
+    with atomic_output_dir(plan.output_dir, plan.overwrite) as tmp:
+        save_file(state, tmp / "adapter_model.safetensors", {"format": "pt"})
+        config.save_pretrained(tmp)
+        write_json(tmp / MERGE_REPORT, report)

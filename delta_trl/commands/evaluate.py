@@ -103,9 +103,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from delta_trl._utils import write_json
+    from delta_trl.adapter_io import load_base_model
     from delta_trl.diagnostics import alpha_sweep_report
     from delta_trl.evaluation import load_task_adapters
-    from delta_trl.merging import load_base_model
     from delta_trl.selection import addition_sweep, negation_sweep
 
     adapters = _pairs(args.adapter, "--adapter")
