@@ -55,9 +55,11 @@ def _describe(folder: Path, base_model: str | None) -> dict[str, Any]:
 
 
 def _training_method(metadata: Mapping[str, Any]) -> str:
-    """``delta_trl.json``'s training mode (``delta``, ``linear``, ``nonlinear``…), or ``unknown``."""
-    mode = metadata.get("mode") or metadata.get("training_mode")
-    return str(mode) if mode else "unknown (no delta_trl.json)"
+    """The trainer's ``delta_mode`` from ``delta_trl.json`` (``delta``, ``linear``, ``nonlinear``…)."""
+    mode = metadata.get("delta_mode")
+    if not mode:
+        return "unknown (no delta_trl.json)" if not metadata else "unknown (delta_trl.json has no delta_mode)"
+    return f"{mode} (evaluated linearized)" if metadata.get("evaluate_linearized") else str(mode)
 
 
 def model_card(

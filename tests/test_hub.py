@@ -30,7 +30,9 @@ def merged(tmp_path):
         model = get_peft_model(make_llama(), config)
         model.peft_config["default"].base_model_name_or_path = "org/tiny-llama"
         model.save_pretrained(tmp_path / f"t{i}")
-        (tmp_path / f"t{i}" / "delta_trl.json").write_text(json.dumps({"mode": mode}))
+        (tmp_path / f"t{i}" / "delta_trl.json").write_text(
+            json.dumps({"delta_mode": mode, "evaluate_linearized": mode == "linear"})
+        )
         paths.append(tmp_path / f"t{i}")
     merge_adapters(paths, [0.6, -0.4], tmp_path / "merged")
     return tmp_path / "merged"
@@ -67,7 +69,7 @@ def test_push_uploads_adapter_and_card(merged, tmp_path, monkeypatch):
     assert meta["library_name"] == "peft"
     assert {"delta_trl", "task-arithmetic"} <= set(meta["tags"])
     assert "| 0.6 | delta |" in readme
-    assert "| -0.4 | linear |" in readme
+    assert "| -0.4 | linear (evaluated linearized) |" in readme
     assert "task_arithmetic" in readme
     assert "| mean normalized accuracy (α=1) | 0.9123 |" in readme
     # The source folder is untouched (no README written into it).

@@ -79,7 +79,7 @@ def _adapters(tmp_path, make_model, targets, linear_flags=(False, False)):
         peft_model.save_pretrained(tmp_path / name)
         if linear:
             (tmp_path / name / "delta_trl.json").write_text(
-                json.dumps({"mode": "linear", "evaluate_linearized": True})
+                json.dumps({"delta_mode": "linear", "evaluate_linearized": True})
             )
         paths[name] = tmp_path / name
     return paths
