@@ -24,7 +24,7 @@ from ._utils import read_delta_trl_metadata
 
 
 # A hub repo id is `owner/name`; anything else that is not an existing folder is a missing local path.
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
@@ -75,7 +75,7 @@ def resolve_adapter_path(source: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     text = str(source)
-    if path.exists() or not _REPO_ID.match(text):
+    if path.exists() or not REPO_ID.match(text):
         raise FileNotFoundError(
             f"Adapter folder {text!r} does not exist. Give the folder that contains adapter_config.json "
             "(the `output_dir` of training) or a hub repo id `owner/name`."

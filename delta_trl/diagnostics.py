@@ -7,6 +7,8 @@
 
   0 everywhere means adding the other task's vector never changes a prediction (weight disentanglement).
 - :func:`alpha_sweep_report`: normalized accuracy against α from :func:`delta_trl.selection.select_alpha`.
+- :func:`negation_report`: target and control accuracy of ``θ0 − α·τ`` against α, from
+  :func:`delta_trl.selection.select_negation_alpha`.
 - :func:`linearization_error`: for one adapter, over α::
 
       E‖z(x; α) − f_lin(x; α·τ)‖² / E‖z(x; α) − f(x; θ0)‖²,   z(x; α) = f(x; θ0 + α·τ)
@@ -32,7 +34,7 @@ from . import plots
 from ._utils import write_json
 from .evaluation import ClassificationSet, class_scores, merged_logits
 from .linearize import linearized_forward
-from .selection import AlphaSelection
+from .selection import AlphaSelection, NegationSelection
 
 
 Predict = Callable[[Mapping[str, float], str], torch.Tensor]
@@ -105,6 +107,11 @@ def disentanglement_error(
 def alpha_sweep_report(selection: AlphaSelection, *, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The α-selection table as JSON and a normalized-accuracy-vs-α figure."""
     return _write(selection.to_dict(), output_dir, "alpha_sweep", plots.plot_alpha_sweep)
+
+
+def negation_report(selection: NegationSelection, *, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The negation table as JSON and a target/control-accuracy-vs-α figure with the control floor."""
+    return _write(selection.to_dict(), output_dir, "negation", plots.plot_negation)
 
 
 def _position_mask(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ._utils import atomic_output_dir, read_delta_trl_metadata
+from .adapter_io import REPO_ID
 
 
 TAGS = ["delta_trl", "task-arithmetic", "lora"]
@@ -47,9 +48,11 @@ def _describe(folder: Path, base_model: str | None) -> dict[str, Any]:
         method = None
         vectors = [{"name": folder.name, "coefficient": 1.0, "delta_trl": read_delta_trl_metadata(folder)}]
     base = base_model or recorded
-    if not base:
+    if not base or not REPO_ID.match(base):
+        # The Hub validates `base_model` in the card's metadata: it must be a repo id, not a local path.
         raise ValueError(
-            f"The base model of {str(folder)!r} is not recorded; pass base_model='<hub id>' so the card can name it."
+            f"The base model of {str(folder)!r} is {base!r}, not a hub repo id; pass base_model='owner/name' "
+            "(--base-model) so the model card can name it."
         )
     return {"kind": kind, "base_model": base, "method": method, "task_vectors": vectors}
 

@@ -85,6 +85,24 @@ def plot_alpha_sweep(result: Mapping[str, Any], path: str | os.PathLike) -> Path
     return _save(fig, path)
 
 
+def plot_negation(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Target and control accuracy of θ0 − α·τ against α, the control floor, and the chosen α."""
+    plt = _pyplot()
+    alphas = result["alphas"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(alphas, result["target"], marker="o", label="target task (lower = forgotten)")
+    ax.plot(alphas, result["control"], marker="s", label="control task")
+    floor = result["threshold"] * result["base_control"]
+    ax.axhline(floor, color="gray", linestyle=":", label=f"control floor = {result['threshold']:g} × θ0 ({floor:.3f})")
+    ax.axvline(result["best_alpha"], color="tab:red", linestyle="--", label=f"chosen α = {result['best_alpha']:g}")
+    ax.set_xlabel("α (θ0 − α·τ_target)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Task negation: accuracy vs α")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_linearization_error(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Relative linearization error of one adapter along α (0 = the network is linear in its task vector)."""
     plt = _pyplot()

@@ -88,6 +88,7 @@ def test_evaluate_command_addition_and_negation(workspace, capsys):
     assert code == 0
     negation = json.loads((workspace / "neg" / "negation.json").read_text())
     assert negation["alphas"] == [0.0, 1.0]
+    assert (workspace / "neg" / "negation.png").is_file()
 
 
 def test_evaluate_command_rejects_integer_labels_without_words(workspace, capsys):

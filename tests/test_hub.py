@@ -89,8 +89,10 @@ def test_single_task_vector_card(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(make_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     model.save_pretrained(tmp_path / "task")
-    with pytest.raises(ValueError, match="base model"):
+    with pytest.raises(ValueError, match="not a hub repo id"):
         stage_for_hub(tmp_path / "task", tmp_path / "out")
+    with pytest.raises(ValueError, match="not a hub repo id"):
+        stage_for_hub(tmp_path / "task", tmp_path / "out", base_model="/local/path/to/base")
     staged = stage_for_hub(tmp_path / "task", tmp_path / "out", base_model="org/tiny-llama")
     readme = (staged / "README.md").read_text()
     assert front_matter(readme)["base_model"] == "org/tiny-llama"

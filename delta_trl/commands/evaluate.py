@@ -29,9 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate",
         help="α sweep / selection for task addition or negation on validation files",
-        description="Evaluate θ0 + α·Σ_t τ_t over a grid of α (no re-merging: the adapters are loaded side by side and "
-        "their LoRA scalings scaled), report α = 1 and the best α by mean normalized accuracy "
-        "(accuracy / the task's own fine-tuned accuracy), and write alpha_sweep.json/.png (or negation.json).",
+        description="Evaluate θ0 + α·Σ_t τ_t over a grid of α and report α = 1 and the best α by mean normalized\n"
+        "accuracy (each task's accuracy / its own fine-tuned accuracy). No re-merging: the adapters are loaded side\n"
+        "by side and their LoRA scalings multiplied by α. Writes alpha_sweep.json/.png (negation.json/.png with\n"
+        "--negate) to --output.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,12 +54,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--negate", default=None, metavar="TASK", help="negation mode: the task to forget")
     parser.add_argument("--control", default="control", help="negation mode: the --data name of the control set")
     parser.add_argument("--threshold", type=float, default=0.95, help="negation: control accuracy floor, × θ0's")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--text-column", default="text", help="column holding the input text (default: %(default)s)")
+    parser.add_argument("--label-column", default="label", help="column holding the label (default: %(default)s)")
     parser.add_argument("--label-words", nargs="+", default=None, help="verbaliser for integer labels, in class order")
-    parser.add_argument("--label-prefix", default=" ", help="prepended to label words before tokenizing (default ' ')")
+    parser.add_argument(
+        "--label-prefix", default=" ", help="prepended to label words before tokenizing (default: a space)"
+    )
     parser.add_argument("--head", action="store_true", help="sequence-classification model: use its logits")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: %(default)s)")
     parser.add_argument("--output", "-o", default=None, help="folder for the JSON (and PNG) results")
     return parser
 
@@ -98,13 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
-    from delta_trl._utils import write_json
     from delta_trl.adapter_io import load_base_model
-    from delta_trl.diagnostics import alpha_sweep_report
+    from delta_trl.diagnostics import alpha_sweep_report, negation_report
     from delta_trl.evaluation import load_task_adapters
     from delta_trl.selection import addition_sweep, negation_sweep
 
@@ -127,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"best α = {result.best_alpha:g}: target {result.best_target:.4f}, control {result.best_control:.4f} "
               f"(θ0 control {result.base_control:.4f}, floor {args.threshold:g}×)")  # fmt: skip
         if args.output:
-            write_json(Path(args.output) / "negation.json", result.to_dict())
+            negation_report(result, output_dir=args.output)
         return 0
     missing = set(adapters) - set(datasets)
     if missing:

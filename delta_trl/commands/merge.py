@@ -28,10 +28,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "merge",
         help="add / negate LoRA task vectors into one adapter or a merged model",
-        description="Merge LoRA adapters by task arithmetic in effective-weight space: θ = θ0 + Σ_t α_t·τ_t with "
-        "τ_t = s_t·B_t·A_t per module. The default output is one standard PEFT LoRA adapter (ranks concatenated, "
-        "coefficients folded in, scaling 1): exact, and loadable with PeftModel.from_pretrained. Inputs are fully "
-        "validated before anything is written; the output folder appears atomically.",
+        description="Merge LoRA adapters by task arithmetic in effective-weight space: θ = θ0 + Σ_t α_t·τ_t with\n"
+        "τ_t = s_t·B_t·A_t per module. The default output is one standard PEFT LoRA adapter (ranks concatenated,\n"
+        "coefficients folded in, scaling 1): exact, and loadable with PeftModel.from_pretrained. Inputs are fully\n"
+        "validated before anything is written; the output folder appears atomically (merge_report.json inside).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -119,7 +119,10 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"wrote {result.output_dir}")
     print(json.dumps(summary, indent=2))
     if args.push_to_hub:
+        from delta_trl.adapter_io import REPO_ID
         from delta_trl.hub import push_to_hub
 
-        print(push_to_hub(result.output_dir, args.push_to_hub, private=args.private))
+        # A local --base-model folder cannot be named in the card; the recorded base (a hub id) is used instead.
+        card_base = args.base_model if args.base_model and REPO_ID.match(args.base_model) else None
+        print(push_to_hub(result.output_dir, args.push_to_hub, base_model=card_base, private=args.private))
     return 0
