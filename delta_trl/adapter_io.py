@@ -84,7 +84,7 @@ def resolve_adapter_path(source: str | os.PathLike) -> Path:
 
     try:
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.bin", "README.md"]))
-    except Exception as err:  # noqa: BLE001 - every hub failure (offline, 404, auth) means "not found" here
+    except Exception as err:  # every hub failure (offline, 404, auth, bad id) means "not found" here
         raise FileNotFoundError(
             f"{text!r} is neither a local adapter folder nor a downloadable hub repo ({type(err).__name__}: {err})."
         ) from err

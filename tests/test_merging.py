@@ -164,6 +164,8 @@ def _edit_config(folder, **changes):
         ("method", ValueError, "Unknown merge method"),
         ("base_shapes", ValueError, "Shape mismatch"),
         ("modules_to_save", ValueError, "more than LoRA"),
+        ("embedding", ValueError, "other than linear LoRA"),
+        ("no_weights", FileNotFoundError, "no adapter_model"),
     ],
 )
 def test_bad_inputs_raise_and_write_nothing(two_adapters, tmp_path, case, error, match):
@@ -201,6 +203,11 @@ def test_bad_inputs_raise_and_write_nothing(two_adapters, tmp_path, case, error,
     elif case == "modules_to_save":
         config = LoraConfig(r=2, target_modules=TARGETS, modules_to_save=["lm_head"], init_lora_weights=False)
         adapters = [a, save_adapter(tmp_path / "c", config, 3)]
+    elif case == "embedding":
+        config = LoraConfig(r=2, target_modules=[*TARGETS, "embed_tokens"], init_lora_weights=False)
+        adapters = [save_adapter(tmp_path / "c", config, 3), save_adapter(tmp_path / "d", config, 4)]
+    elif case == "no_weights":
+        (b / "adapter_model.safetensors").unlink()
     with pytest.raises(error, match=match):
         merge_adapters(adapters, coefficients, tmp_path / "out", **kwargs)
     assert no_partial_output(tmp_path, "out")
@@ -282,3 +289,25 @@ def test_unreachable_hub_id_is_file_not_found(two_adapters, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local adapter folder nor a downloadable hub repo"):
         merge_adapters([two_adapters[0], "nobody/no-such-adapter"], None, tmp_path / "out")
     assert no_partial_output(tmp_path, "out")
+
+
+def test_t5_merged_adapter_matches_folded_model(tmp_path):
+    """Encoder-decoder: the concatenated adapter and the folded model agree (rsLoRA + plain, negative α)."""
+    from conftest import make_t5
+    from transformers import T5ForConditionalGeneration
+
+    paths = []
+    for i, rs in enumerate([False, True]):
+        torch.manual_seed(40 + i)
+        config = LoraConfig(r=2 + i, lora_alpha=4, use_rslora=rs, target_modules=["q", "v"], init_lora_weights=False)
+        get_peft_model(make_t5(), config).save_pretrained(tmp_path / f"t{i}")
+        paths.append(tmp_path / f"t{i}")
+    adapter = merge_adapters(paths, [1.5, -0.5], tmp_path / "adapter")
+    folded = merge_adapters(paths, [1.5, -0.5], tmp_path / "model", fold_into_base=True, base_model=make_t5())
+    merged = PeftModel.from_pretrained(make_t5(), adapter.output_dir).eval()
+    reference = T5ForConditionalGeneration.from_pretrained(folded.output_dir).eval()
+    ids, labels = torch.randint(2, 300, (2, 6)), torch.randint(2, 300, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids, labels=labels).logits, reference(input_ids=ids, labels=labels).logits
+        )
