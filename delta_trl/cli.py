@@ -14,6 +14,8 @@ from collections.abc import Sequence
 # name -> module. Command modules keep heavy imports (torch, transformers) inside `run` so `--help` stays fast.
 COMMANDS: dict[str, str] = {
     "prepare-model": "delta_trl.commands.prepare_model",
+    "merge": "delta_trl.commands.merge",
+    "evaluate": "delta_trl.commands.evaluate",
 }
 
 

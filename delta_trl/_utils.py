@@ -1,0 +1,79 @@
+"""Small private helpers shared by merging, diagnostics and hub code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Raise if ``output_dir`` exists (and is not to be overwritten) or is a file; return it as a ``Path``."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"The output path {str(path)!r} exists and is a file; choose a folder path.")
+    if path.exists() and not overwrite:
+        raise ValueError(
+            f"The output folder {str(path)!r} already exists. Choose a new folder or pass overwrite=True "
+            "(`--overwrite` on the command line) to replace it."
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``output_dir`` in one ``os.replace``.
+
+    A failure inside the block removes the temporary folder, so ``output_dir`` is either the previous content or the
+    complete new content, never a partial write. The existing folder (``overwrite=True``) is moved aside first because
+    ``os.replace`` cannot replace a non-empty directory, and deleted only after the new folder is in place.
+    """
+    target = check_output_dir(output_dir, overwrite).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON (non-finite floats are written as ``null`` so the file stays valid JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(data), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def read_delta_trl_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``delta_trl.json`` written next to an adapter by the trainers (empty dict when absent)."""
+    path = Path(folder) / "delta_trl.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); fix or delete it.") from err

@@ -1,0 +1,293 @@
+"""Diagnostics of task vectors (METHOD.md §5). Each returns a JSON-ready dict and, given ``output_dir``, writes
+``<name>.json`` and ``<name>.png`` there (figures: :mod:`delta_trl.plots`).
+
+- :func:`disentanglement_error`: ξ(α1, α2) of Ortiz-Jimenez et al. (https://huggingface.co/papers/2305.12827)::
+
+      ξ(α1, α2) = Σ_{t∈{1,2}} E_{x∼D_t}[ 1( argmax f(x; θ0 + α_t·τ_t) ≠ argmax f(x; θ0 + α1·τ1 + α2·τ2) ) ]
+
+  0 everywhere means adding the other task's vector never changes a prediction (weight disentanglement).
+- :func:`alpha_sweep_report`: normalized accuracy against α from :func:`delta_trl.selection.select_alpha`.
+- :func:`negation_report`: target and control accuracy of ``θ0 − α·τ`` against α, from
+  :func:`delta_trl.selection.select_negation_alpha`.
+- :func:`linearization_error`: for one adapter, over α::
+
+      E‖z(x; α) − f_lin(x; α·τ)‖² / E‖z(x; α) − f(x; θ0)‖²,   z(x; α) = f(x; θ0 + α·τ)
+
+  on the logits (non-padded positions); 0 means the fine-tuned network is exactly linear along its task vector.
+- :func:`dpo_front`: helpfulness and verbosity scores of greedy responses of ``θ0 + τ_help + λ2·τ_verb`` as λ2 varies,
+  with preference accuracy (implicit reward margin ``[log π(y_w|x) − log π_0(y_w|x)] − [log π(y_l|x) − log π_0(y_l|x)]
+  > 0``, π_0 = θ0 = the DPO reference) per objective and the mean response length.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from . import plots
+from ._utils import write_json
+from .evaluation import ClassificationSet, class_scores, merged_logits
+from .linearize import linearized_forward
+from .selection import AlphaSelection, NegationSelection
+
+
+Predict = Callable[[Mapping[str, float], str], torch.Tensor]
+TextScore = Callable[[list[str], list[str]], float]
+
+
+def _write(result: dict[str, Any], output_dir: str | os.PathLike | None, name: str, plot: Callable) -> dict[str, Any]:
+    if output_dir is not None:
+        write_json(Path(output_dir) / f"{name}.json", result)
+        plot(result, Path(output_dir) / f"{name}.png")
+    return result
+
+
+def classification_predictor(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    datasets: Mapping[str, ClassificationSet],
+    *,
+    linearized: bool = False,
+    batch_size: int = 16,
+) -> Predict:
+    """``predict(factors, task)``: predicted classes on ``datasets[task]`` of the model at ``θ0 + Σ α_t τ_t``."""
+
+    def predict(factors: Mapping[str, float], task: str) -> torch.Tensor:
+        scores = class_scores(model, tokenizer, datasets[task], factors, linearized=linearized, batch_size=batch_size)
+        return scores.argmax(dim=-1)
+
+    return predict
+
+
+def disentanglement_error(
+    predict: Predict,
+    tasks: tuple[str, str],
+    alphas_1: Sequence[float],
+    alphas_2: Sequence[float] | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """ξ(α1, α2) on a grid (module docstring); ``xi[i][j]`` is at ``(alphas_1[i], alphas_2[j])``.
+
+    Args:
+        predict: ``(factors, task) ↦ predicted classes on task's data`` (see :func:`classification_predictor`); the
+            task names are also the adapter names.
+        tasks: the two task (adapter) names.
+        alphas_1, alphas_2: the grids (``alphas_2`` defaults to ``alphas_1``), e.g. ``linspace(-3, 3, 13)``.
+    """
+    alphas_2 = list(alphas_1 if alphas_2 is None else alphas_2)
+    alphas_1 = list(alphas_1)
+    if not alphas_1 or not alphas_2:
+        raise ValueError("The α grids must not be empty.")
+    t1, t2 = tasks
+    # One forward pass per single-task point, reused across the other axis.
+    alone = {
+        (task, a): predict({task: a}, task)
+        for task, grid in ((t1, alphas_1), (t2, alphas_2))
+        for a in sorted(set(grid))
+    }
+    xi = []
+    for a1 in alphas_1:
+        row = []
+        for a2 in alphas_2:
+            both = {t1: a1, t2: a2}
+            error = sum(float((predict(both, t) != alone[(t, both[t])]).double().mean()) for t in (t1, t2))
+            row.append(error)
+        xi.append(row)
+    result = {"tasks": [t1, t2], "alphas_1": alphas_1, "alphas_2": alphas_2, "xi": xi}
+    return _write(result, output_dir, "disentanglement_error", plots.plot_disentanglement)
+
+
+def alpha_sweep_report(selection: AlphaSelection, *, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The α-selection table as JSON and a normalized-accuracy-vs-α figure."""
+    return _write(selection.to_dict(), output_dir, "alpha_sweep", plots.plot_alpha_sweep)
+
+
+def negation_report(selection: NegationSelection, *, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The negation table as JSON and a target/control-accuracy-vs-α figure with the control floor."""
+    return _write(selection.to_dict(), output_dir, "negation", plots.plot_negation)
+
+
+def _position_mask(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """Which logits positions count: decoder positions with a label for seq2seq, attended tokens otherwise."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(base.config, "is_encoder_decoder", False):
+        labels = batch.get("labels")
+        return torch.ones(logits.shape[:2], dtype=torch.bool) if labels is None else labels != -100
+    mask = batch.get("attention_mask")
+    return torch.ones(logits.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+
+
+@torch.no_grad()
+def linearization_error(
+    model: PeftModel,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    adapter_name: str,
+    alphas: Sequence[float],
+    *,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Relative linearization error of ``adapter_name`` along α (module docstring), other adapters at 0.
+
+    ``f_lin`` and ``f(θ0)`` come from one JVP per batch (:func:`delta_trl.linearize.linearized_forward`); ``z`` from
+    a forward at each α. At α = 0 (0/0) the error is ``None``.
+    """
+    alphas = [float(a) for a in alphas]
+    if not alphas:
+        raise ValueError("The α grid is empty.")
+    numerator = [0.0] * len(alphas)
+    denominator = [0.0] * len(alphas)
+    for batch in batches:
+        lin = linearized_forward(model, batch, adapter_name)
+        mask = _position_mask(model, batch, lin.base_logits).unsqueeze(-1)  # (B, T, 1)
+        for i, alpha in enumerate(alphas):
+            z = merged_logits(model, batch, {adapter_name: alpha}).float()
+            numerator[i] += float(((z - lin.logits(alpha).float()) * mask).pow(2).sum())
+            denominator[i] += float(((z - lin.base_logits.float()) * mask).pow(2).sum())
+    # At α = 0 both terms are 0 up to kernel round-off (the JVP runs SDPA's MATH kernel), so the ratio is undefined.
+    relative = [n / d if d > 0 and a != 0.0 else None for a, n, d in zip(alphas, numerator, denominator, strict=True)]
+    result = {
+        "adapter": adapter_name,
+        "alphas": alphas,
+        "relative_error": relative,
+        "numerator": numerator,
+        "denominator": denominator,
+    }
+    return _write(result, output_dir, "linearization_error", plots.plot_linearization_error)
+
+
+@dataclass(frozen=True)
+class PreferenceSet:
+    """Held-out preference pairs of one objective: the chosen response is preferred to the rejected one."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+
+    def __post_init__(self) -> None:
+        if not self.prompts or not len(self.prompts) == len(self.chosen) == len(self.rejected):
+            raise ValueError("A preference set needs the same (non-zero) number of prompts, chosen and rejected.")
+
+
+def completion_logp(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    factors: Mapping[str, float],
+    linearized: bool = False,
+) -> float:
+    """``log π(completion | prompt) = Σ_k log p(y_k | x, y_<k)`` of a causal LM at ``θ0 + Σ α_t τ_t``."""
+    x = tokenizer(prompt)["input_ids"]
+    y = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([x + y])
+    logits = merged_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, factors, linearized)
+    logprobs = logits[0, len(x) - 1 : -1].float().log_softmax(dim=-1)  # positions predicting y
+    return float(logprobs.gather(-1, torch.tensor(y).unsqueeze(-1)).sum())
+
+
+def preference_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: PreferenceSet,
+    factors: Mapping[str, float],
+    linearized: bool = False,
+) -> float:
+    """Fraction of pairs with implicit-reward margin > 0 (module docstring); the reference is θ0 (all factors 0)."""
+    wins = 0
+    for prompt, chosen, rejected in zip(pairs.prompts, pairs.chosen, pairs.rejected, strict=True):
+
+        def reward(y: str, prompt: str = prompt) -> float:
+            return completion_logp(model, tokenizer, prompt, y, factors, linearized) - completion_logp(
+                model, tokenizer, prompt, y, {}, linearized
+            )
+
+        wins += reward(chosen) - reward(rejected) > 0
+    return wins / len(pairs.prompts)
+
+
+@torch.no_grad()
+def greedy_responses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    factors: Mapping[str, float],
+    *,
+    linearized: bool = False,
+    max_new_tokens: int = 32,
+) -> tuple[list[str], list[int]]:
+    """Greedy decoding of a causal LM at ``θ0 + Σ α_t τ_t``, one prompt at a time, without a KV cache.
+
+    Every step is a full :func:`delta_trl.evaluation.merged_logits` call, so the same code decodes the linearized
+    model (a JVP per step) as the ordinary one. Returns the responses and their lengths in tokens.
+    """
+    eos = tokenizer.eos_token_id
+    texts, lengths = [], []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            token = int(merged_logits(model, inputs, factors, linearized)[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        lengths.append(len(new))
+    return texts, lengths
+
+
+def dpo_front(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    help_adapter: str,
+    verb_adapter: str,
+    lambdas: Sequence[float],
+    prompts: Sequence[str],
+    helpfulness_score: TextScore,
+    verbosity_score: TextScore,
+    preference_sets: Mapping[str, PreferenceSet],
+    linearized: bool = False,
+    max_new_tokens: int = 32,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Reward front of ``θ0 + τ_help + λ2·τ_verb`` (module docstring).
+
+    Args:
+        helpfulness_score, verbosity_score: ``(prompts, responses) ↦ float`` (a reward model, a judge, a length
+            statistic…), applied to the greedy responses at each λ2.
+        preference_sets: held-out pairs per objective, e.g. ``{"helpfulness": …, "verbosity": …}``.
+    """
+    lambdas = [float(v) for v in lambdas]
+    if not lambdas or not prompts:
+        raise ValueError("dpo_front needs at least one λ2 and one prompt.")
+    result: dict[str, Any] = {
+        "help_adapter": help_adapter,
+        "verb_adapter": verb_adapter,
+        "lambdas": lambdas,
+        "helpfulness": [],
+        "verbosity": [],
+        "mean_response_length": [],
+        "preference_accuracy": {name: [] for name in preference_sets},
+    }
+    for lam in lambdas:
+        factors = {help_adapter: 1.0, verb_adapter: lam}
+        responses, lengths = greedy_responses(
+            model, tokenizer, prompts, factors, linearized=linearized, max_new_tokens=max_new_tokens
+        )
+        result["helpfulness"].append(float(helpfulness_score(list(prompts), responses)))
+        result["verbosity"].append(float(verbosity_score(list(prompts), responses)))
+        result["mean_response_length"].append(sum(lengths) / len(lengths))
+        for name, pairs in preference_sets.items():
+            result["preference_accuracy"][name].append(
+                preference_accuracy(model, tokenizer, pairs, factors, linearized)
+            )
+    return _write(result, output_dir, "dpo_front", plots.plot_dpo_front)

@@ -1,0 +1,277 @@
+"""Scoring a model at ``θ0 + Σ_t α_t·τ_t`` on labelled classification data, without re-merging for each α.
+
+All task adapters are loaded side by side on one base model (:func:`load_task_adapters`) and every point of the
+merge is reached by scaling their LoRA scalings (:func:`delta_trl.adapters.scaled_adapters`): ``{t: α_t}`` gives
+exactly the model the concatenated merged adapter of :mod:`delta_trl.merging` would give. Adapters trained in the
+``linear`` mode (``delta_trl.json`` with ``"evaluate_linearized": true``) are evaluated on the linearized model::
+
+    f_lin(x; Σ_t α_t·τ_t) = f(x; θ0) + Σ_t α_t·J f(x; θ0)·τ_t      (one JVP per adapter and batch)
+
+Three kinds of classifier are supported: generative with label words (causal LM: ``log p(word | text)`` summed over
+the word's tokens; seq2seq: the same on the decoder), and sequence classification heads (``label_words=None``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from ._utils import read_delta_trl_metadata
+from .adapters import check_linear_lora, lora_layers, scaled_adapters
+from .linearize import linearized_forward
+
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class ClassificationSet:
+    """A labelled split of one task.
+
+    Attributes:
+        texts: inputs (for generative classification, the prompt the label word follows).
+        labels: class index per text.
+        label_words: the verbaliser, one string per class (include a leading space if the tokenizer needs it), or
+            ``None`` for a sequence-classification model whose logits are the class scores.
+    """
+
+    texts: list[str]
+    labels: list[int]
+    label_words: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise ValueError("The evaluation set is empty.")
+        if self.labels is None or len(self.labels) != len(self.texts):
+            raise ValueError(
+                f"The evaluation set needs one label per text (got {len(self.texts)} texts and "
+                f"{0 if self.labels is None else len(self.labels)} labels); α selection needs a labelled split."
+            )
+        if self.label_words is not None:
+            bad = [label for label in self.labels if not 0 <= label < len(self.label_words)]
+            if bad:
+                raise ValueError(f"Labels {sorted(set(bad))[:5]} are not indices of label_words {self.label_words}.")
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose highest score is the label: ``mean(argmax_c scores[n, c] == labels[n])``."""
+    return float((scores.argmax(dim=-1) == labels).float().mean())
+
+
+def load_classification_file(
+    path: str | os.PathLike,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_words: Sequence[str] | None = None,
+    *,
+    label_prefix: str = "",
+    head: bool = False,
+) -> ClassificationSet:
+    """Read a ``.jsonl``, ``.json`` (list of records) or ``.csv`` file into a :class:`ClassificationSet`.
+
+    Args:
+        label_words: the verbaliser in class order; labels in the file may be these words or class indices. If
+            ``None`` and every label is a word, the sorted distinct labels of the file become the verbaliser.
+        label_prefix: prepended to every label word before scoring (e.g. ``" "`` for byte-level BPE tokenizers).
+        head: labels are class indices of a sequence-classification head (no verbaliser).
+    """
+    rows = _read_records(Path(path))
+    missing = {c for c in (text_column, label_column) for row in rows if c not in row or row[c] in (None, "")}
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} has rows without the column(s) {sorted(missing)}; α selection needs a text and a label "
+            "per row (set --text-column/--label-column)."
+        )
+    texts = [str(row[text_column]) for row in rows]
+    raw = [row[label_column] for row in rows]
+    if head:
+        return ClassificationSet(texts, [_label_index(v, None) for v in raw], None)
+    if label_words is None:
+        if any(_is_index(v) for v in raw):
+            raise ValueError(
+                f"{str(path)!r} has integer labels: give the label words in class order (generative "
+                "classification) or use a sequence-classification head (head=True / --head)."
+            )
+        label_words = sorted({str(v) for v in raw})
+    labels = [_label_index(v, label_words) for v in raw]
+    return ClassificationSet(texts, labels, [label_prefix + w for w in label_words])
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Evaluation file {str(path)!r} does not exist.")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    raise ValueError(f"Unsupported evaluation file type {path.suffix!r}; use .jsonl, .json or .csv.")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+
+
+def _label_index(value: Any, label_words: Sequence[str] | None) -> int:
+    if label_words is not None and str(value) in label_words:
+        return list(label_words).index(str(value))
+    if not _is_index(value):
+        raise ValueError(f"Label {value!r} is neither a class index nor one of the label words {label_words}.")
+    return int(value)
+
+
+def load_task_adapters(
+    base_model: torch.nn.Module, adapters: Mapping[str, str | os.PathLike]
+) -> tuple[PeftModel, bool]:
+    """Load every adapter onto ``base_model`` under its task name, all active; say whether to evaluate linearized.
+
+    Returns:
+        The ``PeftModel`` and ``True`` when every adapter's ``delta_trl.json`` has ``"evaluate_linearized": true``.
+
+    Raises:
+        ValueError: no adapters, a non-linear LoRA variant, or a mix of linearized and non-linearized adapters
+            (their sum is neither model).
+    """
+    if not adapters:
+        raise ValueError("Give at least one task adapter.")
+    names = list(adapters)
+    flags = {
+        name: bool(read_delta_trl_metadata(path).get("evaluate_linearized", False)) for name, path in adapters.items()
+    }
+    if len(set(flags.values())) > 1:
+        raise ValueError(
+            f"Some adapters must be evaluated linearized and some not ({flags}); merge adapters of one training mode."
+        )
+    model = PeftModel.from_pretrained(base_model, str(adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.base_model.set_adapter(names)
+    for name in names:
+        check_linear_lora(model, name)
+    model.eval()
+    return model, flags[names[0]]
+
+
+def all_factors(model: torch.nn.Module, factors: Mapping[str, float]) -> dict[str, float]:
+    """``factors`` completed with 0 for every other adapter of the model (so the model is ``θ0 + Σ α_t τ_t``)."""
+    names = {name for layer in lora_layers(model) for name in layer.scaling}
+    unknown = set(factors) - names
+    if unknown:
+        raise ValueError(f"The model has no adapter(s) {sorted(unknown)}; it has {sorted(names)}.")
+    return {name: float(factors.get(name, 0.0)) for name in names}
+
+
+@torch.no_grad()
+def merged_logits(
+    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], factors: Mapping[str, float], linearized: bool = False
+) -> torch.Tensor:
+    """Logits of ``θ0 + Σ_t α_t·τ_t`` (or of its linearization) on one batch."""
+    factors = all_factors(model, factors)
+    if not linearized:
+        with scaled_adapters(model, factors):
+            return model(**inputs).logits
+    active = [name for name, alpha in factors.items() if alpha != 0.0]
+    if not active:
+        with scaled_adapters(model, factors):
+            return model(**inputs).logits
+    logits = None
+    for name in active:
+        out = linearized_forward(model, inputs, name)
+        logits = out.logits(factors[name]) if logits is None else logits + factors[name] * out.tangent_logits
+    return logits
+
+
+def _generative_batch(
+    tokenizer: Any, texts: Sequence[str], words: Sequence[str], is_encoder_decoder: bool, model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Inputs scoring every (text, word) pair; the target ids and their mask, aligned with the logits."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    if any(not ids for ids in word_ids):
+        raise ValueError(f"A label word tokenizes to nothing: {list(words)}.")
+    text_ids = [tokenizer(t)["input_ids"] for t in texts]
+    pairs = [(t, w) for t in text_ids for w in word_ids]
+    if is_encoder_decoder:
+        enc = _pad([t for t, _ in pairs], pad)
+        width = max(len(w) for _, w in pairs)
+        labels = torch.tensor([w + [-100] * (width - len(w)) for _, w in pairs])
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        inputs = {"input_ids": enc, "attention_mask": (enc != pad).long(), "decoder_input_ids": decoder_input_ids}
+        return inputs, labels.clamp(min=0), labels != -100
+    # Causal LM: token i is predicted by position i - 1; right padding keeps positions of the text unchanged.
+    seqs = [t + w for t, w in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    target = torch.zeros_like(ids)
+    target_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (t, w) in enumerate(pairs):
+        target[row, len(t) - 1 : len(t) - 1 + len(w)] = torch.tensor(w)
+        target_mask[row, len(t) - 1 : len(t) - 1 + len(w)] = True
+    return {"input_ids": ids, "attention_mask": mask}, target, target_mask
+
+
+def _pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
+
+
+def class_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: ClassificationSet,
+    factors: Mapping[str, float],
+    *,
+    linearized: bool = False,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Class scores ``(N, C)`` of the model at ``θ0 + Σ_t α_t·τ_t``.
+
+    Generative (``label_words`` set): ``score[n, c] = Σ_k log p(w_c,k | text_n, w_c,<k)``, the log-likelihood of label
+    word ``c`` after text ``n``. Sequence classification: the model's logits.
+    """
+    config = model.get_base_model().config if isinstance(model, PeftModel) else model.config
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    chunks = []
+    for start in range(0, len(data.texts), batch_size):
+        texts = data.texts[start : start + batch_size]
+        if data.label_words is None:
+            enc = tokenizer(texts, return_tensors="pt", padding=True)
+            chunks.append(merged_logits(model, dict(enc), factors, linearized).float())
+            continue
+        inputs, target, target_mask = _generative_batch(tokenizer, texts, data.label_words, is_encoder_decoder, base)
+        logprobs = merged_logits(model, inputs, factors, linearized).float().log_softmax(dim=-1)
+        token = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * target_mask
+        chunks.append(token.sum(dim=-1).view(len(texts), len(data.label_words)))
+    return torch.cat(chunks)
+
+
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    datasets: Mapping[str, ClassificationSet],
+    factors: Mapping[str, float],
+    *,
+    linearized: bool = False,
+    metric: Metric = accuracy,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """``metric(scores, labels)`` per task (default :func:`accuracy`) for the model at ``θ0 + Σ_t α_t·τ_t``."""
+    return {
+        task: metric(
+            class_scores(model, tokenizer, data, factors, linearized=linearized, batch_size=batch_size),
+            torch.tensor(data.labels),
+        )
+        for task, data in datasets.items()
+    }
