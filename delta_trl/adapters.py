@@ -26,6 +26,17 @@ def lora_layers(model: torch.nn.Module, adapter_name: str | None = None) -> list
     ]
 
 
+def check_linear_lora_config(config: object, what: str) -> None:
+    """Raise unless ``config`` is a ``LoraConfig`` without DoRA (see :func:`check_linear_lora`)."""
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{what} is a {type(config).__name__}; DELTA needs a LoRA adapter (peft.LoraConfig).")
+    if getattr(config, "use_dora", False):
+        raise ValueError(
+            f"{what} uses DoRA, whose update is not linear in the LoRA scaling; DELTA's linearization, "
+            "α-interpolation and exact merging need vanilla LoRA (rsLoRA is fine). Set use_dora=False."
+        )
+
+
 def check_linear_lora(model: torch.nn.Module, adapter_name: str) -> None:
     """Raise unless ``adapter_name`` is a LoRA adapter whose output is linear in its scaling.
 
@@ -37,16 +48,7 @@ def check_linear_lora(model: torch.nn.Module, adapter_name: str) -> None:
         config = model.peft_config.get(adapter_name)
         if config is None:
             raise ValueError(f"The model has no adapter named {adapter_name!r}; it has {sorted(model.peft_config)}.")
-        if not isinstance(config, LoraConfig):
-            raise ValueError(
-                f"Adapter {adapter_name!r} is a {type(config).__name__}; DELTA needs a LoRA adapter (peft.LoraConfig)."
-            )
-        if getattr(config, "use_dora", False):
-            raise ValueError(
-                f"Adapter {adapter_name!r} uses DoRA, whose update is not linear in the LoRA scaling; DELTA's "
-                "linearization, α-interpolation and exact merging need vanilla LoRA (rsLoRA is fine). "
-                "Set use_dora=False."
-            )
+        check_linear_lora_config(config, f"Adapter {adapter_name!r}")
     layers = lora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"No LoRA layer carries the adapter {adapter_name!r}.")

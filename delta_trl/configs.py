@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from transformers import Seq2SeqTrainingArguments
+from trl import DPOConfig
 
 from .losses import ALPHA_SAMPLINGS
 
@@ -112,4 +113,32 @@ class DeltaConfig(Seq2SeqTrainingArguments, DeltaArguments):
 DeltaConfig.__doc__ = (
     "`Seq2SeqTrainingArguments` plus the DELTA fields, for :class:`delta_trl.DeltaTrainer` (seq2seq and causal "
     "LMs).\n\n" + fields_docstring(DeltaArguments)
+)
+
+
+@dataclass
+class DeltaDPOConfig(DPOConfig, DeltaArguments):
+    def __post_init__(self) -> None:
+        self.validate_delta_fields()
+        if self.delta_mode != "nonlinear":
+            unsupported = {
+                "loss_type": (list(self.loss_type), ["sigmoid"]),
+                "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
+                "ld_alpha": (self.ld_alpha, None),
+                "use_weighting": (self.use_weighting, False),
+                "sync_ref_model": (self.sync_ref_model, False),
+            }
+            for name, (value, supported) in unsupported.items():
+                if value != supported:
+                    raise ValueError(
+                        f"{name}={value!r} is not supported with delta_mode={self.delta_mode!r}: the DELTA teacher "
+                        f"and student use sigmoid DPO against the base model ({name}={supported!r}). Use "
+                        "delta_mode='nonlinear' for TRL's other DPO variants."
+                    )
+        super().__post_init__()
+
+
+DeltaDPOConfig.__doc__ = (
+    "`trl.DPOConfig` plus the DELTA fields, for :class:`delta_trl.DeltaDPOTrainer`. In the DELTA modes the DPO loss is "
+    "sigmoid DPO against the base model (the linearized teacher's primal).\n\n" + fields_docstring(DeltaArguments)
 )

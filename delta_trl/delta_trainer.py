@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft import PeftConfig
+from peft import PeftConfig, get_peft_model
 from transformers import Seq2SeqTrainer
 from transformers.modeling_outputs import ModelOutput
 
@@ -13,7 +13,7 @@ from .adapters import scaled_adapters, unparked
 from .configs import DeltaConfig
 from .linearize import forward_kwargs, hidden_states_of, linearized_forward
 from .losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
-from .trainer_base import DeltaTrainerMixin, prepare_delta_model
+from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
 
 class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
@@ -49,7 +49,10 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
                 f"delta_mode={args.delta_mode!r} computes its token-level losses itself: label_smoothing_factor and "
                 "compute_loss_func are only supported with delta_mode='nonlinear'."
             )
-        model = prepare_delta_model(model, peft_config, args)
+        check_delta_inputs(model, peft_config, args)
+        if peft_config is not None:
+            model = get_peft_model(model, peft_config)
+        add_delta_adapters(model, args)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._init_delta()
         self._is_encoder_decoder = bool(getattr(model.get_base_model().config, "is_encoder_decoder", False))
@@ -123,3 +126,12 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
         }
         self._record_metrics(training, metrics)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the DELTA metrics collected since the last log, averaged, as TRL trainers do."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if val}
+        if mode == "eval":
+            metrics = {f"eval_{key}": val for key, val in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()

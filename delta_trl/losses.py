@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +131,43 @@ def delta_objective(
         if term is not None and weight != 0:
             total = total + weight * term
     return total
+
+
+class PreferenceLossOutput(NamedTuple):
+    """Per-sequence DPO losses and the implicit rewards ``β·(log π − log π_ref)`` (detached), shape ``(B,)``."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``Σ_t log softmax(logits_t)[y_{t+1}]`` over supervised (non ``-100``) tokens: a causal LM's sequence log-prob.
+
+    ``logits`` ``(B, T, V)`` (also linearized logits ``f(θ0) + α·J·τ``), ``labels`` ``(B, T)``; returns ``(B,)``.
+    """
+    logits, labels = logits[:, :-1, :].float(), labels[:, 1:].to(logits.device)
+    mask = labels != IGNORE_INDEX
+    per_token = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+    return (per_token * mask).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> PreferenceLossOutput:
+    """Sigmoid DPO (Rafailov et al. 2023, huggingface.co/papers/2305.18290), per sequence:
+
+    ``L = −log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])``
+
+    For the DELTA teacher, ``π`` is the linearized policy (log-probs of ``f(θ0) + α·J·τ_T``) and ``π_ref`` the base
+    model, i.e. the JVP's primal: tangent-space ("linear") DPO. All inputs ``(B,)``.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    return PreferenceLossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import __version__
-from .adapters import add_teacher_adapter, check_linear_lora
+from .adapters import add_teacher_adapter, check_linear_lora, check_linear_lora_config
 from .configs import DeltaArguments
 from .linearize import check_hidden_layers, check_jvp_support
 from .losses import sample_alpha
@@ -36,31 +36,32 @@ MODES_WITH_TEACHER = ("delta", "kd_only")
 MODES_WITH_JVP = ("delta", "kd_only", "linear")
 
 
-def prepare_delta_model(model: Any, peft_config: PeftConfig | None, args: DeltaArguments) -> PeftModel:
-    """Validate the model and its LoRA adapter and add the teacher adapter when the mode needs one.
-
-    Raises ``ValueError`` for every unsupported input, before any training starts.
-    """
+def check_delta_inputs(model: Any, peft_config: PeftConfig | None, args: DeltaArguments) -> None:
+    """Refuse every unsupported input before the parent trainer does any work (tokenizing, reference passes...)."""
     if isinstance(model, str):
         raise ValueError("Pass a model object, not a name: load it with from_pretrained first.")
     if isinstance(model, PeftModel):
         if peft_config is not None:
             raise ValueError("The model is already a PeftModel: pass either a PeftModel or `peft_config`, not both.")
+        check_linear_lora(model, model.active_adapter)
+        base = model.get_base_model()
     elif peft_config is None:
         raise ValueError(
             "DELTA trains LoRA adapters: pass a `peft.PeftModel` with a LoRA adapter, or a model plus "
             "`peft_config=LoraConfig(...)`."
         )
     else:
-        model = get_peft_model(model, peft_config)
-    student = model.active_adapter
-    check_linear_lora(model, student)
+        check_linear_lora_config(peft_config, "the `peft_config` adapter")
+        base = model
     if args.delta_mode in MODES_WITH_JVP:
-        check_jvp_support(model.get_base_model())
-        check_hidden_layers(model.get_base_model().config, args.distill_layers)
+        check_jvp_support(base)
+        check_hidden_layers(base.config, args.distill_layers)
+
+
+def add_delta_adapters(model: PeftModel, args: DeltaArguments) -> None:
+    """Add the teacher adapter when the mode needs one (after any reference adapter the parent trainer makes)."""
     if args.delta_mode in MODES_WITH_TEACHER:
-        add_teacher_adapter(model, student, args.teacher_adapter_name, args.teacher_r)
-    return model
+        add_teacher_adapter(model, model.active_adapter, args.teacher_adapter_name, args.teacher_r)
 
 
 @contextlib.contextmanager
@@ -94,7 +95,8 @@ class DeltaTrainerMixin:
     def _init_delta(self) -> None:
         """Call after the parent ``__init__``."""
         args: DeltaArguments = self.args
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if not hasattr(self, "_metrics"):  # TRL trainers already keep one
+            self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._student_name = unwrapped.active_adapter
         self._teacher_name = args.teacher_adapter_name if args.delta_mode in MODES_WITH_TEACHER else None
@@ -140,7 +142,7 @@ class DeltaTrainerMixin:
         scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         return num_items_in_batch, scale
 
-    # ---- metrics, the TRL way ------------------------------------------------------------------------------------
+    # ---- metrics, the TRL way (averaged and cleared in `log`) ------------------------------------------------------------------------------------
 
     def _record_metrics(self, training: bool, values: dict[str, torch.Tensor | float]) -> None:
         """Gather this micro-batch's values over processes (one collective) and keep them until the next ``log``."""
@@ -151,14 +153,6 @@ class DeltaTrainerMixin:
         store = self._metrics["train" if training else "eval"]
         for key, value in zip(keys, gathered.tolist(), strict=True):
             store[key].append(value)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if val}
-        if mode == "eval":
-            metrics = {f"eval_{key}": val for key, val in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
-        self._metrics[mode].clear()
 
     # ---- saving and resuming -------------------------------------------------------------------------------------
 

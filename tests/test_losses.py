@@ -8,7 +8,9 @@ from torch.testing import assert_close
 
 from delta_trl.losses import (
     alpha_bounds,
+    completion_logps,
     delta_objective,
+    dpo_loss,
     hidden_distillation_loss,
     sample_alpha,
     supervised_mask,
@@ -86,3 +88,18 @@ def test_delta_objective_weights_each_term():
     )
     assert_close(total, torch.tensor(1.0 + 1.0 + 6.0 + 40.0))
     assert_close(delta_objective(torch.tensor(1.5)), torch.tensor(1.5))
+
+
+def test_dpo_loss_by_hand():
+    """β = 0.5; chosen log-ratio 1 - 0 = 1, rejected 0 - 1 = -1 -> -log σ(0.5·2) = log(1 + e^-1)."""
+    out = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    assert_close(out.losses, torch.tensor([math.log1p(math.exp(-1.0))]))
+    assert_close(out.chosen_rewards, torch.tensor([0.5]))
+    assert_close(out.rejected_rewards, torch.tensor([-0.5]))
+
+
+def test_completion_logps_sums_supervised_next_token_logprobs():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = math.log(5.0)  # position 0 predicts token at 1: p(2) = 5/8
+    labels = torch.tensor([[-100, 2, 3]])  # position 1 predicts 3 from uniform logits: p = 1/4
+    assert_close(completion_logps(logits, labels), torch.tensor([math.log(5 / 8) + math.log(1 / 4)]))

@@ -1,0 +1,181 @@
+"""``DeltaDPOTrainer``: DELTA for preference optimization ("Distilled DPO"), a drop-in for TRL's ``DPOTrainer``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel
+from transformers.modeling_outputs import ModelOutput
+from trl import DPOTrainer
+
+from .adapters import lora_layers, scaled_adapters, unparked
+from .configs import DeltaDPOConfig
+from .linearize import linearized_forward
+from .losses import completion_logps, delta_objective, dpo_loss, hidden_distillation_loss, supervised_mask
+from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
+
+
+PREFERENCE_COLUMNS = (("chosen", "rejected"), ("prompt_ids", "chosen_ids", "rejected_ids"))
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def _check_preference_columns(dataset: Any, name: str) -> None:
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            _check_preference_columns(split, f"{name}[{key!r}]")
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # iterable datasets without known features are checked by TRL when it tokenizes
+        return
+    if not any(set(required) <= set(columns) for required in PREFERENCE_COLUMNS):
+        raise ValueError(
+            f"The {name} has columns {columns}, but preference data needs `chosen` and `rejected` (and usually "
+            "`prompt`), in TRL's standard or conversational format."
+        )
+
+
+class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
+    """The only change with respect to ``DPOTrainer`` is the loss (METHOD.md §3), chosen by ``args.delta_mode``:
+
+    - ``delta`` / ``kd_only``: ``DPO_S(α) + γ·L_KD(α) + β_T·DPO_T(α)``. The student's DPO loss at ``θ0 + α·τ_S``;
+      the teacher's is *linear DPO*: its policy log-probs come from the linearized logits ``f(θ0) + α·J·τ_T`` of one
+      JVP, whose primal ``f(θ0)`` is the reference model, so no separate reference forward runs. ``L_KD`` distils the
+      teacher's last hidden state into the student's on the completion tokens of chosen and rejected responses.
+    - ``nonlinear``: exactly ``DPOTrainer``'s loss and metrics.
+    - ``linear``: linear DPO of the adapter alone.
+
+    DPO's metrics (``rewards/*``, ``logps/*``) are logged for the student, the DELTA terms beside them (``delta/*``).
+    The reference is the base model θ0. When TRL would use another reference (a ``ref_model``, or a pre-trained
+    adapter it copies to ``"ref"``), set ``precompute_ref_log_probs=True`` or the ``ref_model`` is run once per batch.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any = None,
+        args: DeltaDPOConfig | None = None,
+        *trainer_args: Any,
+        peft_config: PeftConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if not isinstance(args, DeltaDPOConfig):
+            raise TypeError(f"DeltaDPOTrainer needs `args=DeltaDPOConfig(...)`, got {type(args).__name__}.")
+        check_delta_inputs(model, peft_config, args)
+        if train_dataset is not None:
+            _check_preference_columns(train_dataset, "train_dataset")
+        if eval_dataset is not None:
+            _check_preference_columns(eval_dataset, "eval_dataset")
+        super().__init__(
+            model,
+            ref_model,
+            args,
+            *trainer_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=peft_config,
+            **trainer_kwargs,
+        )
+        unwrapped: PeftModel = self.accelerator.unwrap_model(self.model)
+        if args.delta_mode != "nonlinear":
+            self._reference = self._reference_source(unwrapped, args)
+        add_delta_adapters(unwrapped, args)
+        self._init_delta()
+
+    def _reference_source(self, model: PeftModel, args: DeltaDPOConfig) -> str:
+        """Where reference log-probs come from: ``"precomputed"``, ``"ref_model"`` or ``"base"`` (the JVP primal)."""
+        if args.precompute_ref_log_probs:
+            return "precomputed"
+        if self.ref_model is not None:
+            return "ref_model"
+        if any(layer.lora_B["ref"].weight.abs().max() > 0 for layer in lora_layers(model, "ref")):
+            raise ValueError(
+                'The PeftModel\'s adapter is already trained, so TRL made a copy of it ("ref") the DPO reference; '
+                "the linearized teacher's reference is the base model θ0, and switching adapters inside a DELTA step "
+                "would freeze the teacher. Set precompute_ref_log_probs=True (the reference is then computed once, "
+                "before training), or pass the base model with a peft_config."
+            )
+        return "base"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: DeltaDPOConfig = self.args
+        if args.delta_mode == "nonlinear":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        training = model.training
+        linear = args.delta_mode == "linear"
+        alpha = self._current_alpha() if training and not linear else 1.0
+        unwrapped = self.accelerator.unwrap_model(model)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        with_teacher = linear or (training and self._teacher_name is not None)
+
+        linearized = None
+        if with_teacher:
+            adapter = self._student_name if linear else self._teacher_name
+            with contextlib.nullcontext() if linear else unparked(unwrapped, adapter):
+                linearized = linearized_forward(unwrapped, model_kwargs, adapter, args.distill_layers)
+        ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, labels, linearized)
+
+        metrics: dict[str, Any] = {}
+        teacher = None
+        if linearized is not None:
+            teacher_chosen, teacher_rejected = completion_logps(linearized.logits(alpha), labels).chunk(2)
+            teacher = dpo_loss(teacher_chosen, teacher_rejected, ref_chosen, ref_rejected, beta=args.beta)
+            if not linear:
+                metrics |= {"delta/teacher_loss": teacher.losses.mean(), **_reward_metrics(teacher, "delta/teacher_")}
+        if linear:
+            loss, policy, logits = teacher.losses.mean(), teacher, linearized.logits(alpha)
+            policy_logps = (teacher_chosen, teacher_rejected)
+        else:
+            with scaled_adapters(unwrapped, {self._student_name: alpha}):
+                outputs = model(**model_kwargs, output_hidden_states=training)
+            logits = outputs.logits
+            policy_logps = completion_logps(logits, labels).chunk(2)
+            policy = dpo_loss(*policy_logps, ref_chosen, ref_rejected, beta=args.beta)
+            loss = policy.losses.mean()
+            metrics["delta/task_loss"] = loss
+            if teacher is not None:
+                mask = supervised_mask(labels, shift=True)
+                distill = sum(
+                    hidden_distillation_loss(outputs.hidden_states[layer], teacher_hidden, mask)
+                    for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
+                )
+                metrics["delta/distill_loss"] = distill
+                loss = delta_objective(
+                    loss,
+                    distill_loss=distill,
+                    teacher_loss=teacher.losses.mean(),
+                    distill_weight=args.distill_weight,
+                    teacher_loss_weight=args.teacher_loss_weight,
+                )
+        if training and not linear:
+            metrics["delta/alpha"] = alpha
+        metrics |= _reward_metrics(policy, "")
+        metrics |= {"logps/chosen": policy_logps[0].mean(), "logps/rejected": policy_logps[1].mean()}
+        self._record_metrics(training, {k: torch.as_tensor(v).detach() for k, v in metrics.items()})
+        return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
+
+    def _reference_logps(self, model, unwrapped, inputs, model_kwargs, labels, linearized):
+        if self._reference == "precomputed":
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        if self._reference == "ref_model":
+            return self.compute_ref_log_probs(self.ref_model, inputs)
+        if linearized is not None:  # the JVP's primal is f(θ0): the reference, for free
+            return completion_logps(linearized.base_logits, labels).chunk(2)
+        adapters = dict.fromkeys(unwrapped.peft_config, 0.0)
+        with torch.no_grad(), scaled_adapters(unwrapped, adapters):
+            return completion_logps(model(**model_kwargs).logits, labels).chunk(2)
+
+
+def _reward_metrics(output, prefix: str) -> dict[str, torch.Tensor]:
+    margins = output.chosen_rewards - output.rejected_rewards
+    return {
+        f"{prefix}rewards/chosen": output.chosen_rewards.mean(),
+        f"{prefix}rewards/rejected": output.rejected_rewards.mean(),
+        f"{prefix}rewards/accuracies": (margins > 0).float().mean(),
+        f"{prefix}rewards/margins": margins.mean(),
+    }
