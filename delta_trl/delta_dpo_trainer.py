@@ -12,7 +12,7 @@ from trl import DPOTrainer
 
 from .adapters import lora_layers, scaled_adapters, unparked
 from .configs import DeltaDPOConfig
-from .linearize import linearized_forward
+from .linearize import linearized_forward, linearized_loss
 from .losses import completion_logps, delta_objective, dpo_loss, hidden_distillation_loss, supervised_mask
 from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
@@ -113,23 +113,31 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
         model_kwargs["use_cache"] = False
         with_teacher = linear or (training and self._teacher_name is not None)
 
-        linearized = None
+        linearized = teacher = teacher_loss = None
+        metrics: dict[str, Any] = {}
         if with_teacher:
             adapter = self._student_name if linear else self._teacher_name
             with contextlib.nullcontext() if linear else unparked(unwrapped, adapter):
-                linearized = linearized_forward(unwrapped, model_kwargs, adapter, args.distill_layers)
-        ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, labels, linearized)
+                linearized = linearized_forward(
+                    unwrapped, model_kwargs, adapter, args.distill_layers, differentiable=False
+                )
+                ref_chosen, ref_rejected = self._reference_logps(
+                    model, unwrapped, inputs, model_kwargs, labels, linearized
+                )
 
-        metrics: dict[str, Any] = {}
-        teacher = None
-        if linearized is not None:
-            teacher_chosen, teacher_rejected = completion_logps(linearized.logits(alpha), labels).chunk(2)
-            teacher = dpo_loss(teacher_chosen, teacher_rejected, ref_chosen, ref_rejected, beta=args.beta)
+                def teacher_dpo(logits: torch.Tensor) -> torch.Tensor:
+                    chosen, rejected = completion_logps(logits, labels).chunk(2)
+                    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta).losses.mean()
+
+                teacher_loss = linearized_loss(unwrapped, model_kwargs, adapter, linearized, teacher_dpo, alpha)
+            teacher_logps = completion_logps(linearized.logits(alpha), labels).chunk(2)
+            teacher = dpo_loss(*teacher_logps, ref_chosen, ref_rejected, beta=args.beta)  # for the metrics
             if not linear:
-                metrics |= {"delta/teacher_loss": teacher.losses.mean(), **_reward_metrics(teacher, "delta/teacher_")}
+                metrics |= {"delta/teacher_loss": teacher_loss, **_reward_metrics(teacher, "delta/teacher_")}
+        else:
+            ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, labels, None)
         if linear:
-            loss, policy, logits = teacher.losses.mean(), teacher, linearized.logits(alpha)
-            policy_logps = (teacher_chosen, teacher_rejected)
+            loss, policy, logits, policy_logps = teacher_loss, teacher, linearized.logits(alpha), teacher_logps
         else:
             with scaled_adapters(unwrapped, {self._student_name: alpha}):
                 outputs = model(**model_kwargs, output_hidden_states=training)
@@ -148,7 +156,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
                 loss = delta_objective(
                     loss,
                     distill_loss=distill,
-                    teacher_loss=teacher.losses.mean(),
+                    teacher_loss=teacher_loss,
                     distill_weight=args.distill_weight,
                     teacher_loss_weight=args.teacher_loss_weight,
                 )

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .adapters import scaled_adapters, unparked
 from .configs import DeltaConfig
-from .linearize import forward_kwargs, hidden_states_of, linearized_forward
+from .linearize import forward_kwargs, hidden_states_of, linearized_forward, linearized_loss
 from .losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
 from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
@@ -84,24 +84,29 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
         def as_mean(term: torch.Tensor) -> torch.Tensor:  # the per-token value of a term, for logging
             return term.detach() / scale * (num_items / count if num_items is not None else 1)
 
+        def task_loss_of(logits: torch.Tensor) -> torch.Tensor:
+            return token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
+
         if args.delta_mode == "linear":
-            linearized = linearized_forward(unwrapped, inputs, self._student_name)
+            linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
+            loss = linearized_loss(unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha)
             logits = linearized.logits(alpha)
-            loss = token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
             self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
             return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
 
         student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
         with scaled_adapters(unwrapped, {self._student_name: alpha}):
             outputs = model(**student_kwargs)
-        task_loss = token_cross_entropy(outputs.logits, labels, shift=shift, num_items=num_items) * scale
+        task_loss = task_loss_of(outputs.logits)
         if not training:
             self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
             return (task_loss, outputs) if return_outputs else task_loss
 
         with unparked(unwrapped, self._teacher_name):
-            linearized = linearized_forward(unwrapped, inputs, self._teacher_name, args.distill_layers)
-        teacher_loss = token_cross_entropy(linearized.logits(alpha), labels, shift=shift, num_items=num_items) * scale
+            linearized = linearized_forward(
+                unwrapped, inputs, self._teacher_name, args.distill_layers, differentiable=False
+            )
+            teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
         student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
         mask = supervised_mask(labels, shift=shift)
         distill_loss = scale * sum(
@@ -110,8 +115,7 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
         )
         metrics = {"delta/alpha": alpha, "delta/task_loss_at_alpha": as_mean(task_loss)}
         if not args.task_loss_at_alpha and alpha != 1.0:
-            logits_at_one = model(**{**student_kwargs, "output_hidden_states": False}).logits
-            task_loss = token_cross_entropy(logits_at_one, labels, shift=shift, num_items=num_items) * scale
+            task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
         loss = delta_objective(
             task_loss,
             distill_loss=distill_loss,

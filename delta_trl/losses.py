@@ -62,6 +62,11 @@ def supervised_mask(labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
     return mask
 
 
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for softmax and squared errors; fp32/fp64 stay as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def _normalise(total: torch.Tensor, count: torch.Tensor, num_items: torch.Tensor | int | None) -> torch.Tensor:
     denominator = num_items if num_items is not None else count.clamp(min=1)
     if isinstance(denominator, torch.Tensor):
@@ -85,7 +90,9 @@ def token_cross_entropy(
     if shift:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     labels = labels.to(logits.device)
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        _upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return _normalise(total, (labels != IGNORE_INDEX).sum(), num_items)
 
 
@@ -102,7 +109,7 @@ def hidden_distillation_loss(
     else ``mask.sum()``). The teacher is detached: it receives no gradient from this term. Shapes: hidden
     ``(B, T, H)``, mask ``(B, T)`` bool.
     """
-    diff = student_hidden.float() - teacher_hidden.detach().float()  # (B, T, H)
+    diff = _upcast(student_hidden) - _upcast(teacher_hidden.detach())  # (B, T, H)
     per_position = diff.pow(2).sum(dim=-1)  # (B, T)
     mask = mask.to(per_position.device)
     return _normalise((per_position * mask).sum(), mask.sum(), num_items)
@@ -146,7 +153,7 @@ def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
     ``logits`` ``(B, T, V)`` (also linearized logits ``f(θ0) + α·J·τ``), ``labels`` ``(B, T)``; returns ``(B,)``.
     """
-    logits, labels = logits[:, :-1, :].float(), labels[:, 1:].to(logits.device)
+    logits, labels = _upcast(logits[:, :-1, :]), labels[:, 1:].to(logits.device)
     mask = labels != IGNORE_INDEX
     per_token = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
     return (per_token * mask).sum(-1)

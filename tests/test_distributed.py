@@ -1,6 +1,7 @@
 """Two CPU processes (DDP over gloo) take the same optimizer step as one process with the whole batch."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ def test_ddp_two_processes_equals_one_process(tmp_path):
     worker = str(ROOT / "tests" / "ddp_worker.py")
     subprocess.run([sys.executable, worker, str(tmp_path / "single" / "w.safetensors"), "4"], check=True, env=env)
     # accelerate launches multi-CPU jobs through MPI only; torchrun gives DDP over gloo on one machine
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    with socket.socket() as probe:  # a free port: other jobs on a shared machine may hold the default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     subprocess.run([*launch, worker, str(tmp_path / "ddp" / "w.safetensors"), "2"], check=True, env=env)
     single, ddp = load_file(tmp_path / "single" / "w.safetensors"), load_file(tmp_path / "ddp" / "w.safetensors")
     assert single.keys() == ddp.keys()

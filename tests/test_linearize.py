@@ -8,7 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 
 from delta_trl.adapters import add_teacher_adapter, lora_layers, scaled_adapters, unparked
-from delta_trl.linearize import linearized_forward
+from delta_trl.linearize import linearized_forward, linearized_loss
+from delta_trl.losses import token_cross_entropy
 
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}
@@ -141,3 +142,33 @@ def test_flash_attention_is_refused():
     model.get_base_model().config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="forward-mode AD"):
         linearized_forward(model, _inputs("llama"), "default")
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_linearized_loss_gives_the_gradient_of_backprop_through_the_jvp(kind):
+    model = _peft(kind, "sdpa")
+    inputs = _inputs(kind)
+    shift = kind == "llama"
+
+    def loss_fn(logits):
+        return token_cross_entropy(logits, inputs["labels"], shift=shift)
+
+    alpha = 1.3
+    teacher = [p for n, p in model.named_parameters() if ".teacher." in n]
+    with unparked(model, "teacher"):
+        reference = loss_fn(linearized_forward(model, inputs, "teacher").logits(alpha))
+        expected = torch.autograd.grad(reference, teacher)
+        lin = linearized_forward(model, inputs, "teacher", differentiable=False)
+        assert not lin.tangent_logits.requires_grad
+        loss = linearized_loss(model, inputs, "teacher", lin, loss_fn, alpha)
+        got = torch.autograd.grad(loss, teacher, allow_unused=True)
+    assert_close(loss, reference.detach())
+    assert max(g.abs().max() for g in expected) > 1e-3
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, rtol=1e-8, atol=1e-10)
+    student = [p for n, p in model.named_parameters() if ".default." in n]
+    with unparked(model, "teacher"):
+        student_grads = torch.autograd.grad(
+            linearized_loss(model, inputs, "teacher", lin, loss_fn, alpha), student, allow_unused=True
+        )
+    assert all(g is None or g.abs().max() == 0 for g in student_grads)
