@@ -63,7 +63,7 @@ class ClassificationSet:
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose highest score is the label: ``mean(argmax_c scores[n, c] == labels[n])``."""
-    return float((scores.argmax(dim=-1) == labels).float().mean())
+    return float((scores.argmax(dim=-1).cpu() == labels.cpu()).float().mean())
 
 
 def load_classification_file(
@@ -177,6 +177,8 @@ def merged_logits(
 ) -> torch.Tensor:
     """Logits of ``θ0 + Σ_t α_t·τ_t`` (or of its linearization) on one batch."""
     factors = all_factors(model, factors)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     if not linearized:
         with scaled_adapters(model, factors):
             return model(**inputs).logits

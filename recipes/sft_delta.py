@@ -28,6 +28,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 from trl import TrlParser
 
 from delta_trl import DeltaConfig, DeltaTrainer, load_model_and_tokenizer
+from delta_trl.evaluation import ClassificationSet, accuracy, class_scores
 
 
 POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "touching", "fun"]
@@ -106,24 +107,15 @@ def tokenize(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-@torch.no_grad()
-def completion_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Dataset) -> float:
-    """Share of rows whose completion is the most likely among the task's distinct completions (label words)."""
-    choices = sorted(set(data["completion"]))
-    model.eval()
-    correct = 0
-    for row in data:
-        scores = []
-        for choice in choices:
-            enc = tokenize({"prompt": row["prompt"], "completion": choice}, tokenizer, 10_000)
-            ids = torch.tensor([enc["input_ids"]], device=model.device)
-            labels = torch.tensor([enc["labels"]], device=model.device)
-            logprobs = model(input_ids=ids).logits[:, :-1].log_softmax(-1)
-            target = labels[:, 1:]
-            keep = target != -100
-            scores.append(logprobs.gather(-1, target.clamp(min=0)[..., None])[..., 0][keep].sum().item())
-        correct += choices[max(range(len(choices)), key=scores.__getitem__)] == row["completion"]
-    return correct / len(data)
+def completion_accuracy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Dataset, alpha: float, linearized: bool
+) -> float:
+    """Share of rows whose completion is the most likely of the task's distinct completions (label words), for the
+    model at θ0 + α·τ (linearized for a `linear`-mode adapter)."""
+    words = sorted(set(data["completion"]))
+    split = ClassificationSet(list(data["prompt"]), [words.index(c) for c in data["completion"]], words)
+    scores = class_scores(model, tokenizer, split, {model.active_adapter: alpha}, linearized=linearized)
+    return accuracy(scores, torch.tensor(split.labels))
 
 
 def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
@@ -157,11 +149,11 @@ def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    with trainer.model.disable_adapter():
-        base_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"])
+    linearized = training_args.delta_mode == "linear"
+    base_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"], 0.0, linearized)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
-    tuned_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"])
+    tuned_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"], 1.0, linearized)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     results = {
         "model": script_args.model_name_or_path,
