@@ -60,3 +60,24 @@ def test_builtin_task_is_balanced_and_deterministic():
     data = sft_delta.builtin_sentiment(200, seed=1)
     assert data["completion"] == sft_delta.builtin_sentiment(200, seed=1)["completion"]
     assert 70 < data["completion"].count(" sunny") < 130
+
+
+def test_dpo_recipe_trains_and_reports(tiny_model_dir, tmp_path):
+    from recipes import dpo_delta
+
+    script_args, training_args = dpo_delta.make_parser().parse_args_and_config(
+        ["--config", "recipes/configs/dpo_delta.yaml", "--use_cpu", "true", "--disable_tqdm", "true",
+         "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "dpo"), "--max_steps", "2",
+         "--num_examples", "20", "--dataset", "builtin:verbose", "--logging_steps", "1"]
+    )  # fmt: skip
+    tokenizer_dir = tmp_path / "tiny"
+    (tokenizer_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    results = dpo_delta.main(script_args, training_args)
+    assert results["steps"] == 2
+    assert 0.0 <= results["eval_after"]["eval_rewards/accuracies"] <= 1.0
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="Unknown built-in preference set"):
+        dpo_delta.builtin_preferences("polite", 4, 0)
