@@ -310,8 +310,11 @@ def estimate_curvature(
     def accumulate_ekfac(name: str, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor) -> None:
         u_a, u_g = rotations[name]
         a_rot, g_rot = a @ u_a, (g * valid.unsqueeze(-1)) @ u_g  # (B, T, d_in), (B, T, d_out)
-        for row in range(a.shape[0]):  # per-example pseudo-gradients, one (d_out, d_in) matrix at a time
-            sums[name]["D"] += (g_rot[row].T @ a_rot[row]).square().double()
+        # per-example pseudo-gradients U_Gᵀ ∇W_n U_A = Σ_t (U_Gᵀ g_t)(U_Aᵀ a_t)ᵀ, batched in chunks of ≤ 2^26 numbers
+        chunk = max(1, (1 << 26) // (u_g.shape[0] * u_a.shape[0]))
+        for start in range(0, a.shape[0], chunk):
+            rotated = torch.bmm(g_rot[start : start + chunk].transpose(1, 2), a_rot[start : start + chunk])
+            sums[name]["D"] += rotated.square().sum(0).double()
 
     with _estimation_mode(model):
         run_pass("curvature: A, G", accumulate_kfac)
