@@ -336,7 +336,8 @@ def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter
         A 0-d float32 tensor.
 
     Raises:
-        ValueError: the adapter has no LoRA layer, or a layer the factors do not cover or whose shape differs.
+        ValueError: the adapter has no LoRA layer, a layer that is not an ``nn.Linear`` (or uses ``fan_in_fan_out``), or
+            a layer the factors do not cover or whose shape differs.
     """
     base = base_model_of(model)
     layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
@@ -345,6 +346,8 @@ def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter
         raise ValueError(f"No LoRA layer carries the adapter {adapter_name!r}.")
     if len(layers) != len(lora_layers(model, adapter_name)):
         raise ValueError("Some LoRA layers are outside the base model; pass the PeftModel or its base model.")
+    for name, layer in layers.items():
+        linear_base_layer(layer, name)  # refuse fan-in-fan-out and non-linear layers before anything else
     missing = sorted(set(layers) - set(factors.layers))
     if missing:
         raise ValueError(
@@ -353,7 +356,6 @@ def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter
         )
     total = None
     for name, layer in sorted(layers.items()):
-        linear_base_layer(layer, name)
         weight_a = layer.lora_A[adapter_name].weight
         weight_b = layer.lora_B[adapter_name].weight
         layer_factors = factors.layers[name]

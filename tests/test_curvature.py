@@ -319,3 +319,18 @@ def test_layer_curvature_validation():
         LayerCurvature("kfac", {"A": torch.eye(2)})
     with pytest.raises(ValueError, match="at least one layer"):
         CurvatureFactors(layers={})
+
+
+def test_fan_in_fan_out_layers_are_refused():
+    """GPT-2's Conv1D weights are stored transposed (PEFT's fan_in_fan_out): refused, not silently mis-oriented."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    config = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with pytest.raises(ValueError, match="linear layers only"):
+        resolve_target_modules(peft_model)
+    layer = LayerCurvature("kfac", {"A": torch.eye(16), "G": torch.eye(48)})
+    factors = CurvatureFactors({"transformer.h.0.attn.c_attn": layer})
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        curvature_penalty(peft_model, factors, "default")
