@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 
-from .adapters import lora_layers
+from .adapters import check_linear_lora, lora_layers
 
 
 ESTIMATORS = ("ekfac", "kfac")
@@ -336,14 +336,13 @@ def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter
         A 0-d float32 tensor.
 
     Raises:
-        ValueError: the adapter has no LoRA layer, a layer that is not an ``nn.Linear`` (or uses ``fan_in_fan_out``), or
+        ValueError: the adapter has no LoRA layer or is not vanilla LoRA (DoRA...), a layer that is not an ``nn.Linear`` (or uses ``fan_in_fan_out``), or
             a layer the factors do not cover or whose shape differs.
     """
+    check_linear_lora(model, adapter_name)  # DoRA and other variants are not s·B·A_l: the formulas would be wrong
     base = base_model_of(model)
     layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     layers = {name: module for name, module in layers.items() if adapter_name in module.scaling}
-    if not layers:
-        raise ValueError(f"No LoRA layer carries the adapter {adapter_name!r}.")
     if len(layers) != len(lora_layers(model, adapter_name)):
         raise ValueError("Some LoRA layers are outside the base model; pass the PeftModel or its base model.")
     for name, layer in layers.items():

@@ -113,7 +113,7 @@ class OneLinear(torch.nn.Module):
 
 
 def test_ekfac_with_exact_statistics_equals_brute_force_ggn(monkeypatch):
-    """For h_t = W a_t the GGN is E_n[Σ_t a_t a_tᵀ] ⊗ I and EK-FAC is exact when its statistics are. Each text is
+    """For h_t = W a_t the GGN is E_n[Σ_t a_t a_tᵀ] ⊗ I and EK-FAC (and K-FAC) are exact when their statistics are. Each text is
     repeated K times with probes √(L·H)·e_k cycling over all L·H basis directions, so the per-text average of every
     second moment equals its expectation under v ~ N(0, I) exactly. The brute force is jacrev of h over W."""
     tokenizer, hidden, max_length = make_tokenizer(300), 4, 3
@@ -155,6 +155,9 @@ def test_ekfac_with_exact_statistics_equals_brute_force_ggn(monkeypatch):
     assert_close(penalty, dense, rtol=1e-4, atol=1e-6)
     params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     assert_close(torch.autograd.grad(penalty, params), torch.autograd.grad(dense, params), rtol=1e-4, atol=1e-6)
+    # K-FAC is exact here too: G = L̄·I and A = (1/M) Σ a aᵀ, so A ⊗ G = (1/N) Σ_n Σ_t a_t a_tᵀ ⊗ I
+    kfac = estimate_curvature(model, tokenizer, texts, max_length=max_length, estimator="kfac", progress=False)
+    assert_close(curvature_penalty(model, kfac, "default"), dense, rtol=1e-4, atol=1e-6)
 
 
 def brute_force_statistics(model, tokenizer, texts, names, max_length, seed=0):
@@ -334,3 +337,11 @@ def test_fan_in_fan_out_layers_are_refused():
     factors = CurvatureFactors({"transformer.h.0.attn.c_attn": layer})
     with pytest.raises(ValueError, match="fan_in_fan_out"):
         curvature_penalty(peft_model, factors, "default")
+
+
+def test_dora_adapter_is_refused():
+    model = get_peft_model(make_llama(), LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
+    layer = LayerCurvature("kfac", {"A": torch.eye(32), "G": torch.eye(16)})
+    factors = CurvatureFactors({f"model.layers.{i}.self_attn.v_proj": layer for i in range(2)})
+    with pytest.raises(ValueError, match="DoRA"):
+        curvature_penalty(model, factors, "default")
