@@ -297,15 +297,16 @@ def load_or_estimate_curvature(
     """
     from .curvature_estimation import estimate_curvature
 
+    # DDP / DeepSpeed wrappers prefix module names: hash, resolve and hook the model itself
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
     if Path(path).is_dir() or (reference is None and not Path(path).exists() and REPO_ID.match(str(path))):
-        return load_curvature(path, model=model, target_modules=target_modules)
+        return load_curvature(path, model=unwrapped, target_modules=target_modules)
     if reference is None or tokenizer is None:
         raise ValueError(
             f"There is no curvature cache at {str(path)!r}: pass `reference` texts and a `tokenizer` to estimate one, "
             "or precompute it with `delta-trl curvature --output PATH`."
         )
     check_output_dir(path, overwrite=False)  # fail on every process before the estimation, not after
-    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
     factors = estimate_curvature(
         unwrapped,
         tokenizer,

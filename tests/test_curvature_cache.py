@@ -242,6 +242,14 @@ def test_load_or_estimate(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="another model"):
         load_or_estimate_curvature(lora_model(["v_proj"], seed=3), path=path)
 
+    class Wrapper(torch.nn.Module):  # the shape of DDP: the model is `.module`, names gain a `module.` prefix
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    wrapped = load_or_estimate_curvature(Wrapper(model), path=path)
+    assert wrapped.module_names == first.module_names
+
 
 def test_cli_on_a_local_model_and_jsonl(tmp_path, capsys):
     model_dir = tmp_path / "model"
