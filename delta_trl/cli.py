@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "prepare-model": "delta_trl.commands.prepare_model",
     "merge": "delta_trl.commands.merge",
     "evaluate": "delta_trl.commands.evaluate",
+    "curvature": "delta_trl.commands.curvature",
 }
 
 

@@ -1,0 +1,146 @@
+"""``delta-trl curvature``: estimate θ0's task-agnostic EK-FAC / K-FAC curvature once and cache it (METHOD.md §4)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+EPILOG = """\
+examples:
+  # EK-FAC factors of the embedded SmolLM2-135M for LoRA on q_proj / v_proj, from a local text file
+  delta-trl curvature --model embedded --dataset c4_sample.jsonl --target-modules q_proj v_proj \\
+      --num-samples 10000 --max-length 256 --output curvature/smollm2-qv
+
+  # plain K-FAC in bf16, from a Hub dataset, then share it
+  delta-trl curvature --model org/model --dataset allenai/c4 --dataset-config en --split validation \\
+      --estimator kfac --dtype bf16 --output curvature/model --push-to-hub me/model-curvature
+
+Several processes split the samples and all-reduce the sums:
+  torchrun --nproc_per_node 4 -m delta_trl.cli curvature --model ... --output ...
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "curvature",
+        help="estimate and cache the base model's task-agnostic EK-FAC/K-FAC curvature (the DELTA penalty)",
+        description="Estimate per-layer Kronecker factors of the GGN E_x[JᵀJ] of the base model's final hidden\n"
+        "states at θ0 on a reference text set (one Gaussian probe per text) and write them, with their metadata\n"
+        "and checksums, to a new folder (atomically). Trainers load the folder and check it against the model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="`embedded`, a local model folder or a Hub model id")
+    parser.add_argument("--revision", default=None, help="model revision on the Hub")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="a .jsonl/.json/.csv/.txt file (one text per line for .txt) or a Hub dataset id",
+    )
+    parser.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+    parser.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    parser.add_argument("--text-column", default=None, help="column holding the texts (default: `text`)")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        required=True,
+        metavar="NAME",
+        help="LoRA target modules: names or suffixes (q_proj v_proj), or all-linear",
+    )
+    parser.add_argument("--num-samples", type=int, default=None, help="texts to use, from the start (default: all)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per text (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per pass, per process (default: %(default)s)")
+    parser.add_argument("--estimator", choices=["ekfac", "kfac"], default="ekfac", help="(default: %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="storage dtype (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Gaussian probes (default: %(default)s)")
+    parser.add_argument("--output", "-o", required=True, help="new folder to write (must not exist, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the cache to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    return parser
+
+
+def _load_reference(args: argparse.Namespace):
+    from pathlib import Path
+
+    from datasets import load_dataset
+
+    path = Path(args.dataset)
+    if path.is_file():
+        builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+        if path.suffix not in builders:
+            raise ValueError(f"{args.dataset!r}: unsupported file type {path.suffix!r}; use {sorted(builders)}.")
+        return load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    if path.exists():
+        raise ValueError(f"{args.dataset!r} is a folder; pass a .jsonl/.json/.csv/.txt file or a Hub dataset id.")
+    return load_dataset(args.dataset, args.dataset_config, split=args.split)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        return _curvature(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Input problems are the user's to fix: a one-line message, not a traceback.
+        print(f"delta-trl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _curvature(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import torch
+
+    from delta_trl._utils import check_output_dir
+    from delta_trl.curvature_cache import push_curvature_to_hub, save_curvature
+    from delta_trl.curvature_estimation import estimate_curvature
+    from delta_trl.embedded import load_model_and_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_output_dir(args.output, args.overwrite)  # before minutes of estimation, not after
+    target_modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    kwargs = {"revision": args.revision} if args.revision else {}
+    if args.model != "embedded":
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        config = AutoConfig.from_pretrained(args.model, **kwargs)
+        kwargs["model_class"] = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model, tokenizer = load_model_and_tokenizer(args.model, **kwargs)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # launched by torchrun: one process per device, samples split across them
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            model.to("cuda")
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    reference = _load_reference(args)
+    factors = estimate_curvature(
+        model,
+        tokenizer,
+        reference,
+        target_modules=target_modules,
+        text_column=args.text_column,
+        num_samples=args.num_samples,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        estimator=args.estimator,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+        return 0
+    save_curvature(factors, args.output, overwrite=args.overwrite)
+    print(factors.format_size_report())
+    print(f"written {args.output}")
+    if distributed:
+        torch.distributed.barrier()
+    if args.push_to_hub:
+        print(push_curvature_to_hub(args.output, args.push_to_hub, private=args.private))
+    return 0
