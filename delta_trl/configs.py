@@ -10,7 +10,8 @@ from trl import DPOConfig
 from .losses import ALPHA_SAMPLINGS
 
 
-DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only")
+DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")
+CURVATURE_ESTIMATORS = ("ekfac", "kfac")
 
 
 @dataclass
@@ -22,7 +23,8 @@ class DeltaArguments:
         metadata={
             "help": "What to train. `delta`: LoRA student + linearized teacher, distillation along the path; "
             "`nonlinear`: plain LoRA fine-tuning (identical to the parent trainer); `linear`: tangent-space "
-            "fine-tuning of one adapter, evaluated linearized; `kd_only`: `delta` without the curvature penalty.",
+            "fine-tuning of one adapter, evaluated linearized; `kd_only`: `delta` without the curvature penalty; "
+            "`curvature_only`: the student's task loss plus the curvature penalty, no teacher.",
             "choices": list(DELTA_MODES),
         },
     )
@@ -65,6 +67,36 @@ class DeltaArguments:
         default=None, metadata={"help": "LoRA rank of the teacher adapter (default: the student's rank)."}
     )
 
+    curvature_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ: weight of the curvature penalty R(τ_S) + R(τ_T) (EK-FAC GGN of the base model; the authors "
+            "used 500 for vision). 0 turns it off; > 0 needs `curvature_path`."
+        },
+    )
+    curvature_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Curvature cache: a folder or a Hub repo id (`delta-trl curvature` writes one). If it does not "
+            "exist and `curvature_dataset` is set, it is estimated before the first step and saved there."
+        },
+    )
+    curvature_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Reference text set for estimating the curvature: a json/jsonl/csv/txt file or a Hub id."},
+    )
+    curvature_text_column: str | None = field(
+        default=None, metadata={"help": "Text column of `curvature_dataset` (default: `text`)."}
+    )
+    curvature_num_samples: int = field(
+        default=10_000, metadata={"help": "Reference samples used to estimate the curvature (paper: 10^5 of C4)."}
+    )
+    curvature_max_length: int = field(default=512, metadata={"help": "Token length of each reference sample."})
+    curvature_estimator: str = field(
+        default="ekfac",
+        metadata={"help": "`ekfac` (eigenvalue-corrected K-FAC) or `kfac`.", "choices": list(CURVATURE_ESTIMATORS)},
+    )
+
     def validate_delta_fields(self) -> None:
         """Raise ``ValueError`` on a bad combination, before any work starts."""
         if self.delta_mode not in DELTA_MODES:
@@ -90,6 +122,25 @@ class DeltaArguments:
             raise ValueError("teacher_adapter_name must be a non-empty string.")
         if self.teacher_r is not None and self.teacher_r < 1:
             raise ValueError(f"teacher_r must be a positive rank, got {self.teacher_r}.")
+        if self.curvature_weight < 0:
+            raise ValueError(f"curvature_weight must be ≥ 0, got {self.curvature_weight}.")
+        if self.curvature_estimator not in CURVATURE_ESTIMATORS:
+            raise ValueError(f"curvature_estimator={self.curvature_estimator!r} is not one of {CURVATURE_ESTIMATORS}.")
+        if self.delta_mode == "kd_only" and self.curvature_weight > 0:
+            raise ValueError("delta_mode='kd_only' is DELTA without the curvature penalty: set curvature_weight=0 or "
+                             "use delta_mode='delta'.")  # fmt: skip
+        if self.delta_mode == "curvature_only" and self.curvature_weight == 0:
+            raise ValueError("delta_mode='curvature_only' needs curvature_weight > 0.")
+        if self.curvature_weight > 0 and self.delta_mode in ("nonlinear", "linear"):
+            raise ValueError(
+                f"delta_mode={self.delta_mode!r} has no curvature penalty; use 'delta' or 'curvature_only', or set "
+                "curvature_weight=0."
+            )
+        if self.curvature_weight > 0 and not self.curvature_path:
+            raise ValueError(
+                "curvature_weight > 0 needs `curvature_path` (an existing cache, or where to save one estimated on "
+                "`curvature_dataset`)."
+            )
 
 
 def fields_docstring(cls: type) -> str:

@@ -334,3 +334,20 @@ def load_or_estimate_curvature(
     elif distributed:
         torch.distributed.barrier()
     return factors
+
+
+TEXT_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+
+
+def load_text_dataset(source: str, config: str | None = None, split: str = "train") -> Any:
+    """A reference text set from a json/jsonl/csv/txt file or a Hub dataset id (``datasets.load_dataset``)."""
+    from datasets import load_dataset
+
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in TEXT_FILE_BUILDERS:
+            raise ValueError(f"{source!r}: unsupported file type {path.suffix!r}; use {sorted(TEXT_FILE_BUILDERS)}.")
+        return load_dataset(TEXT_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    if path.exists():
+        raise ValueError(f"{source!r} is a folder; pass a .jsonl/.json/.csv/.txt file or a Hub dataset id.")
+    return load_dataset(source, config, split=split)

@@ -44,12 +44,17 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
       JVP, whose primal ``f(θ0)`` is the reference model, so no separate reference forward runs. ``L_KD`` distils the
       teacher's last hidden state into the student's on the completion tokens of chosen and rejected responses.
     - ``nonlinear``: exactly ``DPOTrainer``'s loss and metrics.
-    - ``linear``: linear DPO of the adapter alone.
+    - ``linear``: linear DPO of the adapter alone;
+    - ``curvature_only``: the student's DPO loss plus ``λ·R(τ_S)``, no teacher.
+
+    With ``curvature_weight`` λ > 0, ``delta`` adds ``λ·(R(τ_S) + R(τ_T))`` (the paper's Distilled DPO left it off).
 
     DPO's metrics (``rewards/*``, ``logps/*``) are logged for the student, the DELTA terms beside them (``delta/*``).
     The reference is the base model θ0. When TRL would use another reference (a ``ref_model``, or a pre-trained
     adapter it copies to ``"ref"``), set ``precompute_ref_log_probs=True`` or the ``ref_model`` is run once per batch.
     """
+
+    loss_is_scaled_for_ga = False  # as DPOTrainer: every term is a micro-batch mean
 
     def __init__(
         self,
@@ -106,7 +111,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         training = model.training
         linear = args.delta_mode == "linear"
-        alpha = self._current_alpha() if training and not linear else 1.0
+        alpha = self._current_alpha() if training and self._teacher_name else 1.0
         unwrapped = self.accelerator.unwrap_model(model)
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
@@ -144,24 +149,28 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
             logits = outputs.logits
             policy_logps = completion_logps(logits, labels).chunk(2)
             policy = dpo_loss(*policy_logps, ref_chosen, ref_rejected, beta=args.beta)
-            loss = policy.losses.mean()
-            metrics["delta/task_loss"] = loss
+            metrics["delta/task_loss"] = policy.losses.mean()
+            distill = None
             if teacher is not None:
                 mask = supervised_mask(labels, shift=True)
                 distill = sum(
                     hidden_distillation_loss(outputs.hidden_states[layer], teacher_hidden, mask)
                     for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
                 )
-                metrics["delta/distill_loss"] = distill
-                loss = delta_objective(
-                    loss,
-                    distill_loss=distill,
-                    teacher_loss=teacher_loss,
-                    distill_weight=args.distill_weight,
-                    teacher_loss_weight=args.teacher_loss_weight,
-                )
-        if training and not linear:
-            metrics["delta/alpha"] = alpha
+                metrics |= {"delta/distill_loss": distill, "delta/alpha": alpha}
+            # every term is a micro-batch mean (loss_is_scaled_for_ga = False): the Trainer divides by accumulation
+            penalty = self._curvature_penalty(unwrapped) if training else None
+            if penalty is not None:
+                metrics["delta/curvature_penalty"] = penalty
+            loss = delta_objective(
+                policy.losses.mean(),
+                distill_loss=distill,
+                teacher_loss=teacher_loss,
+                curvature_penalty=penalty,
+                distill_weight=args.distill_weight,
+                teacher_loss_weight=args.teacher_loss_weight,
+                curvature_weight=args.curvature_weight,
+            )
         metrics |= _reward_metrics(policy, "")
         metrics |= {"logps/chosen": policy_logps[0].mean(), "logps/rejected": policy_logps[1].mean()}
         self._record_metrics(training, {k: torch.as_tensor(v).detach() for k, v in metrics.items()})

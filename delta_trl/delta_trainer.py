@@ -23,11 +23,18 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
       linearized teacher ``f(θ0) + α·J·τ_T`` (one JVP), their last hidden states distilled on supervised positions;
     - ``nonlinear``: exactly ``Seq2SeqTrainer``'s loss (plain LoRA fine-tuning, no teacher);
     - ``linear``: the task loss of the linearized model alone (tangent-space fine-tuning of the adapter); its
-      evaluation is linearized too, and the saved adapter is marked ``evaluate_linearized``.
+      evaluation is linearized too, and the saved adapter is marked ``evaluate_linearized``;
+    - ``curvature_only``: the student's task loss plus ``λ·R(τ_S)``, no teacher.
+
+    With ``curvature_weight`` λ > 0, ``delta`` adds ``λ·(R(τ_S) + R(τ_T))``, the EK-FAC GGN penalty of θ0
+    (:mod:`delta_trl.curvature`).
 
     Accepts a ``PeftModel`` with a LoRA adapter, or a model plus ``peft_config``; the teacher adapter is created from
     the student's LoRA config. Evaluation reports the student at α = 1.
     """
+
+    # `None` (the parent's inference) in `nonlinear` mode; otherwise set by `_loss_normalisation` for each batch.
+    loss_is_scaled_for_ga = None
 
     def __init__(
         self,
@@ -73,8 +80,8 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
                 "positions come from them)."
             )
         training = model.training
-        # Linear fine-tuning trains f_lin(θ0 + τ) itself: α only matters for the student-teacher path.
-        alpha = self._current_alpha() if training and args.delta_mode != "linear" else 1.0
+        # α only matters on the student-teacher path: linear fine-tuning trains f_lin(θ0 + τ) itself.
+        alpha = self._current_alpha() if training and self._teacher_name else 1.0
         unwrapped = self.accelerator.unwrap_model(model)
         labels = inputs["labels"]
         shift = not self._is_encoder_decoder
@@ -102,32 +109,44 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
             self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
             return (task_loss, outputs) if return_outputs else task_loss
 
-        with unparked(unwrapped, self._teacher_name):
-            linearized = linearized_forward(
-                unwrapped, inputs, self._teacher_name, args.distill_layers, differentiable=False
+        metrics: dict[str, Any] = {}
+        distill_loss = teacher_loss = None
+        if self._teacher_name:
+            with unparked(unwrapped, self._teacher_name):
+                linearized = linearized_forward(
+                    unwrapped, inputs, self._teacher_name, args.distill_layers, differentiable=False
+                )
+                teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
+            student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
+            mask = supervised_mask(labels, shift=shift)
+            distill_loss = scale * sum(
+                hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
+                for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
             )
-            teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
-        student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
-        mask = supervised_mask(labels, shift=shift)
-        distill_loss = scale * sum(
-            hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
-            for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
-        )
-        metrics = {"delta/alpha": alpha, "delta/task_loss_at_alpha": as_mean(task_loss)}
-        if not args.task_loss_at_alpha and alpha != 1.0:
-            task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
+            metrics |= {
+                "delta/alpha": alpha,
+                "delta/task_loss_at_alpha": as_mean(task_loss),
+                "delta/teacher_loss": as_mean(teacher_loss),
+                "delta/distill_loss": as_mean(distill_loss),
+            }
+            if not args.task_loss_at_alpha and alpha != 1.0:
+                task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
+        penalty = self._curvature_penalty(unwrapped)
+        accumulation = 1
+        if penalty is not None:
+            metrics["delta/curvature_penalty"] = penalty
+            if self.loss_is_scaled_for_ga:  # R is per optimizer step: the Trainer will not divide it, so we do
+                accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
         loss = delta_objective(
             task_loss,
             distill_loss=distill_loss,
             teacher_loss=teacher_loss,
+            curvature_penalty=penalty,
             distill_weight=args.distill_weight,
             teacher_loss_weight=args.teacher_loss_weight,
+            curvature_weight=args.curvature_weight / accumulation,
         )
-        metrics |= {
-            "delta/task_loss": as_mean(task_loss),
-            "delta/teacher_loss": as_mean(teacher_loss),
-            "delta/distill_loss": as_mean(distill_loss),
-        }
+        metrics["delta/task_loss"] = as_mean(task_loss)
         self._record_metrics(training, metrics)
         return (loss, outputs) if return_outputs else loss
 

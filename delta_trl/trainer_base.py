@@ -24,15 +24,17 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import __version__
-from .adapters import add_teacher_adapter, check_linear_lora, check_linear_lora_config
+from .adapters import add_teacher_adapter, check_linear_lora, check_linear_lora_config, unparked
 from .configs import DeltaArguments
+from .curvature import curvature_penalty
+from .curvature_cache import load_or_estimate_curvature, load_text_dataset
 from .linearize import check_hidden_layers, check_jvp_support
 from .losses import sample_alpha
 
 
 TEACHER_WEIGHTS_NAME = "delta_teacher.safetensors"
 DELTA_MARKER_NAME = "delta_trl.json"
-MODES_WITH_TEACHER = ("delta", "kd_only")
+MODES_WITH_TEACHER = ("delta", "kd_only")  # `curvature_only` trains the student alone
 MODES_WITH_JVP = ("delta", "kd_only", "linear")
 
 
@@ -89,9 +91,6 @@ def _atomic_write(path: Path, write) -> None:
 class DeltaTrainerMixin:
     """Mixed in before a ``transformers``/TRL trainer class. Expects ``self.args`` to carry :class:`DeltaArguments`."""
 
-    # `None` (the parent's inference) in `nonlinear` mode; otherwise set by `_loss_normalisation` for each batch.
-    loss_is_scaled_for_ga = None
-
     def _init_delta(self) -> None:
         """Call after the parent ``__init__``."""
         args: DeltaArguments = self.args
@@ -100,6 +99,7 @@ class DeltaTrainerMixin:
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._student_name = unwrapped.active_adapter
         self._teacher_name = args.teacher_adapter_name if args.delta_mode in MODES_WITH_TEACHER else None
+        self._curvature = self._load_curvature(unwrapped) if args.curvature_weight > 0 else None
         if args.delta_mode in MODES_WITH_JVP:
             if self.is_fsdp_enabled:
                 raise ValueError(
@@ -113,6 +113,37 @@ class DeltaTrainerMixin:
                     "so the linearized teacher cannot run. Use ZeRO-2 (accelerate_configs/zero2.yaml): LoRA "
                     "optimizer states are small, and ZeRO-2 shards them."
                 )
+
+    def _load_curvature(self, model: PeftModel):
+        """θ0's curvature factors: the cache at `curvature_path`, or estimated on `curvature_dataset` and cached."""
+        args: DeltaArguments = self.args
+        reference = None
+        if args.curvature_dataset and not Path(args.curvature_path).exists():
+            reference = load_text_dataset(args.curvature_dataset)
+        factors = load_or_estimate_curvature(
+            model,
+            path=args.curvature_path,
+            reference=reference,
+            tokenizer=self.processing_class,
+            text_column=args.curvature_text_column,
+            num_samples=args.curvature_num_samples,
+            max_length=args.curvature_max_length,
+            batch_size=self.args.per_device_eval_batch_size,
+            estimator=args.curvature_estimator,
+            seed=self.args.seed,
+            accelerator=self.accelerator,
+        )
+        return factors.to(self.accelerator.device, torch.float32)  # once, not per penalty call
+
+    def _curvature_penalty(self, model: PeftModel) -> torch.Tensor | None:
+        """``R(τ_S) + R(τ_T)`` (``R(τ_S)`` without a teacher), or ``None`` when the penalty is off (METHOD.md §4)."""
+        if self._curvature is None:
+            return None
+        penalty = curvature_penalty(model, self._curvature, self._student_name)
+        if self._teacher_name:
+            with unparked(model, self._teacher_name):  # the penalty reads the adapter's real scaling
+                penalty = penalty + curvature_penalty(model, self._curvature, self._teacher_name)
+        return penalty
 
     # ---- per-step quantities -------------------------------------------------------------------------------------
 

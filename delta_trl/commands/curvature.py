@@ -63,19 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_reference(args: argparse.Namespace):
-    from pathlib import Path
+    from delta_trl.curvature_cache import load_text_dataset
 
-    from datasets import load_dataset
-
-    path = Path(args.dataset)
-    if path.is_file():
-        builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
-        if path.suffix not in builders:
-            raise ValueError(f"{args.dataset!r}: unsupported file type {path.suffix!r}; use {sorted(builders)}.")
-        return load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    if path.exists():
-        raise ValueError(f"{args.dataset!r} is a folder; pass a .jsonl/.json/.csv/.txt file or a Hub dataset id.")
-    return load_dataset(args.dataset, args.dataset_config, split=args.split)
+    return load_text_dataset(args.dataset, args.dataset_config, split=args.split)
 
 
 def run(args: argparse.Namespace) -> int:
