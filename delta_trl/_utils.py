@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then ``os.replace`` it into place (all or nothing)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -77,3 +100,24 @@ def read_delta_trl_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err}); fix or delete it.") from err
+
+
+def check_run_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming: bool) -> None:
+    """Refuse to train into a non-empty folder unless told to (``overwrite``) or resuming a run in it."""
+    path = Path(output_dir)
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
+        raise FileExistsError(
+            f"{path} is not empty. Pass --overwrite_output to write into it, --resume_from_checkpoint to continue a "
+            "run, or choose another --output_dir."
+        )
+
+
+def lora_config_from(model_args: Any) -> Any:
+    """The LoRA config of TRL's ``ModelConfig`` (``--use_peft --lora_r ...``): DELTA always trains LoRA adapters."""
+    from trl import get_peft_config
+
+    if not model_args.use_peft:
+        raise ValueError(
+            "DELTA trains LoRA adapters: pass --use_peft (with --lora_r, --lora_alpha, --lora_target_modules)."
+        )
+    return get_peft_config(model_args)

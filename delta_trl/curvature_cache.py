@@ -28,7 +28,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._utils import atomic_output_dir, check_output_dir, write_json
+from ._utils import atomic_output_dir, check_output_dir, sha256_file, write_json
 from .adapter_io import REPO_ID
 from .curvature import (
     ESTIMATORS,
@@ -47,14 +47,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 TENSOR_FILE = "curvature.safetensors"
 METADATA_FILE = "curvature.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(model: torch.nn.Module, module_names: Sequence[str]) -> str:
@@ -105,7 +97,7 @@ def save_curvature(factors: CurvatureFactors, path: str | os.PathLike, overwrite
             "tensor_file": {
                 "name": TENSOR_FILE,
                 "bytes": (tmp / TENSOR_FILE).stat().st_size,
-                "sha256": _sha256(tmp / TENSOR_FILE),
+                "sha256": sha256_file(tmp / TENSOR_FILE),
             },
             "size_report": factors.size_report(),
         }
@@ -179,7 +171,7 @@ def load_curvature(
     expected = metadata["tensor_file"]
     if not tensor_path.is_file():
         raise ValueError(f"{str(tensor_path)!r} is missing: the cache is incomplete.")
-    if tensor_path.stat().st_size != expected.get("bytes") or _sha256(tensor_path) != expected.get("sha256"):
+    if tensor_path.stat().st_size != expected.get("bytes") or sha256_file(tensor_path) != expected.get("sha256"):
         raise ValueError(
             f"{str(tensor_path)!r} does not match the size/sha256 recorded in {METADATA_FILE}: the file is truncated "
             "or altered. Re-estimate the cache."

@@ -8,7 +8,6 @@ name ``"embedded"`` and defers to ``from_pretrained`` for any Hub id or local fo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ._utils import sha256_file
 
 
 logger = logging.getLogger(__name__)
@@ -56,14 +57,6 @@ def _gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
@@ -80,7 +73,7 @@ def verify_embedded_model(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise ValueError(f"{path} listed in {MANIFEST} is missing.")
-        if path.stat().st_size != manifest["sizes"][name] or _sha256(path) != expected:
+        if path.stat().st_size != manifest["sizes"][name] or sha256_file(path) != expected:
             raise ValueError(f"{path} does not match its checksum in {MANIFEST}: the file is truncated or altered.")
 
 
@@ -121,7 +114,7 @@ def prepare_embedded_model(cache_dir: str | os.PathLike | None = None, *, force:
             "version": MANIFEST_VERSION,
             "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
             "model_id": EMBEDDED_MODEL_ID,
-            "sha256": {f.name: _sha256(f) for f in files},
+            "sha256": {f.name: sha256_file(f) for f in files},
             "sizes": {f.name: f.stat().st_size for f in files},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

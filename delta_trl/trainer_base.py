@@ -10,8 +10,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import __version__
+from ._utils import atomic_write
 from .adapters import add_teacher_adapter, check_linear_lora, check_linear_lora_config, unparked
 from .configs import DeltaArguments
 from .curvature import curvature_penalty
@@ -75,17 +74,6 @@ def _saving_only(model: PeftModel, adapter_name: str) -> Iterator[None]:
         yield
     finally:
         del model.save_pretrained
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class DeltaTrainerMixin:
@@ -203,14 +191,14 @@ class DeltaTrainerMixin:
         if self._teacher_name and folder.name.startswith(PREFIX_CHECKPOINT_DIR):
             teacher_state = get_peft_model_state_dict(unwrapped, adapter_name=self._teacher_name)
             teacher_state = {k: v.detach().contiguous().cpu() for k, v in teacher_state.items()}
-            _atomic_write(folder / TEACHER_WEIGHTS_NAME, lambda tmp: save_file(teacher_state, tmp))
+            atomic_write(folder / TEACHER_WEIGHTS_NAME, lambda tmp: save_file(teacher_state, tmp))
         marker = {
             "delta_trl_version": __version__,
             "adapter_name": self._student_name,
             "evaluate_linearized": self.args.delta_mode == "linear",
             **{f.name: getattr(self.args, f.name) for f in dataclasses.fields(DeltaArguments)},
         }
-        _atomic_write(folder / DELTA_MARKER_NAME, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2)))
+        atomic_write(folder / DELTA_MARKER_NAME, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2)))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; when resuming, the teacher adapter's weights are restored from the checkpoint first."""

@@ -18,29 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
-from peft import LoraConfig
-from trl import TrlParser
+from trl import ModelConfig, TrlParser
 
 from delta_trl import DeltaDPOConfig, DeltaDPOTrainer, load_model_and_tokenizer
+from delta_trl._utils import check_run_output_dir, lora_config_from
 
 
 @dataclass
 class ScriptArguments:
-    model_name_or_path: str = field(
-        default="embedded",
-        metadata={"help": "`embedded` (packaged SmolLM2-135M-Instruct, offline), a Hub id or a local folder."},
-    )
     dataset: str = field(
         default="builtin:helpful",
         metadata={"help": "`builtin:helpful`, `builtin:verbose`, a json/jsonl file or a Hub id with TRL preference "
                   "columns (`prompt`, `chosen`, `rejected`; standard or conversational)."},
     )  # fmt: skip
     num_examples: int = field(default=256, metadata={"help": "Rows generated for a built-in set (10% held out)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the student."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the student."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules that get LoRA adapters."}
-    )
     overwrite_output: bool = field(
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir (nothing is overwritten otherwise)."},
@@ -79,16 +70,19 @@ def load_preferences(args: ScriptArguments, seed: int) -> DatasetDict:
     return data
 
 
-def main(script_args: ScriptArguments, training_args: DeltaDPOConfig) -> dict:
+def main(script_args: ScriptArguments, training_args: DeltaDPOConfig, model_args: ModelConfig) -> dict:
     output_dir = Path(training_args.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not script_args.overwrite_output:
-        if not training_args.resume_from_checkpoint:
-            raise FileExistsError(
-                f"{output_dir} is not empty. Pass --overwrite_output to write into it, --resume_from_checkpoint to "
-                "continue a run, or choose another --output_dir."
-            )
+    check_run_output_dir(
+        output_dir, overwrite=script_args.overwrite_output, resuming=bool(training_args.resume_from_checkpoint)
+    )
+    peft_config = lora_config_from(model_args)
     with training_args.main_process_first(desc="model conversion"):
-        model, tokenizer = load_model_and_tokenizer(script_args.model_name_or_path)
+        model, tokenizer = load_model_and_tokenizer(
+            model_args.model_name_or_path,
+            dtype=model_args.dtype,
+            revision=model_args.model_revision,
+            attn_implementation=model_args.attn_implementation or "sdpa",
+        )
     data = load_preferences(script_args, training_args.seed)
     trainer = DeltaDPOTrainer(
         model=model,
@@ -96,20 +90,14 @@ def main(script_args: ScriptArguments, training_args: DeltaDPOConfig) -> dict:
         train_dataset=data["train"],
         eval_dataset=data["test"],
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=script_args.lora_r,
-            lora_alpha=script_args.lora_alpha,
-            target_modules=script_args.lora_target_modules,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=peft_config,
     )
     before = trainer.evaluate()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     after = trainer.evaluate()
     results = {
-        "model": script_args.model_name_or_path,
+        "model": model_args.model_name_or_path,
         "dataset": script_args.dataset,
         "delta_mode": training_args.delta_mode,
         "steps": trainer.state.global_step,
@@ -129,7 +117,7 @@ def main(script_args: ScriptArguments, training_args: DeltaDPOConfig) -> dict:
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, DeltaDPOConfig))
+    return TrlParser((ScriptArguments, DeltaDPOConfig, ModelConfig))
 
 
 if __name__ == "__main__":

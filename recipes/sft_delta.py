@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
-from peft import LoraConfig
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
-from trl import TrlParser
+from trl import ModelConfig, TrlParser
 
 from delta_trl import DeltaConfig, DeltaTrainer, load_model_and_tokenizer
+from delta_trl._utils import check_run_output_dir, lora_config_from
 from delta_trl.evaluation import ClassificationSet, accuracy, class_scores
 
 
@@ -39,10 +39,6 @@ TEMPLATES = ["{s} was {a}.", "{s} felt {a} to me.", "Honestly, {s_lower} was {a}
 
 @dataclass
 class ScriptArguments:
-    model_name_or_path: str = field(
-        default="embedded",
-        metadata={"help": "`embedded` (packaged SmolLM2-135M-Instruct, offline), a Hub id or a local folder."},
-    )
     dataset: str = field(
         default="builtin:sentiment",
         metadata={
@@ -53,12 +49,6 @@ class ScriptArguments:
     num_train_examples: int = field(default=320, metadata={"help": "Examples generated for the built-in task."})
     num_eval_examples: int = field(default=64, metadata={"help": "Held-out examples for accuracy."})
     max_length: int = field(default=128, metadata={"help": "Truncate prompt + completion to this many tokens."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the student."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the student."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules that get LoRA adapters."}
-    )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "`sdpa` or `eager` (forward-mode AD)."})
     overwrite_output: bool = field(
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir (nothing is overwritten otherwise)."},
@@ -118,29 +108,23 @@ def completion_accuracy(
     return accuracy(scores, torch.tensor(split.labels))
 
 
-def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
+def main(script_args: ScriptArguments, training_args: DeltaConfig, model_args: ModelConfig) -> dict:
     output_dir = Path(training_args.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not script_args.overwrite_output:
-        if not training_args.resume_from_checkpoint:
-            raise FileExistsError(
-                f"{output_dir} is not empty. Pass --overwrite_output to write into it, --resume_from_checkpoint to "
-                "continue a run, or choose another --output_dir."
-            )
+    check_run_output_dir(
+        output_dir, overwrite=script_args.overwrite_output, resuming=bool(training_args.resume_from_checkpoint)
+    )
+    peft_config = lora_config_from(model_args)
     with training_args.main_process_first(desc="model conversion"):  # converts the embedded model once
         model, tokenizer = load_model_and_tokenizer(
-            script_args.model_name_or_path, attn_implementation=script_args.attn_implementation
+            model_args.model_name_or_path,
+            dtype=model_args.dtype,
+            revision=model_args.model_revision,
+            attn_implementation=model_args.attn_implementation or "sdpa",
         )
     data = load_task(script_args, training_args.seed)
     columns = data["train"].column_names
     train = data["train"].map(tokenize, fn_kwargs={"tokenizer": tokenizer, "max_length": script_args.max_length},
                               remove_columns=columns)  # fmt: skip
-    peft_config = LoraConfig(
-        r=script_args.lora_r,
-        lora_alpha=script_args.lora_alpha,
-        target_modules=script_args.lora_target_modules,
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
     trainer = DeltaTrainer(
         model=model,
         args=training_args,
@@ -156,7 +140,7 @@ def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
     tuned_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"], 1.0, linearized)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     results = {
-        "model": script_args.model_name_or_path,
+        "model": model_args.model_name_or_path,
         "dataset": script_args.dataset,
         "delta_mode": training_args.delta_mode,
         "steps": trainer.state.global_step,
@@ -170,7 +154,7 @@ def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         print(
             f"\nDELTA ({training_args.delta_mode}) trained one task vector on {script_args.dataset} with "
-            f"{script_args.model_name_or_path} for {trainer.state.global_step} steps.\n"
+            f"{model_args.model_name_or_path} for {trainer.state.global_step} steps.\n"
             f"  held-out accuracy (label words): base {base_accuracy:.3f} -> task vector {tuned_accuracy:.3f}\n"
             f"  student adapter (stock PEFT format): {output_dir}\n  results: {output_dir / 'results.json'}"
         )
@@ -178,9 +162,8 @@ def main(script_args: ScriptArguments, training_args: DeltaConfig) -> dict:
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, DeltaConfig))
+    return TrlParser((ScriptArguments, DeltaConfig, ModelConfig))
 
 
 if __name__ == "__main__":
-    script_args, training_args = make_parser().parse_args_and_config()
-    main(script_args, training_args)
+    main(*make_parser().parse_args_and_config())

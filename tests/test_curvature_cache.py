@@ -17,7 +17,7 @@ from huggingface_hub import HfApi
 from peft import LoraConfig, get_peft_model
 from torch.testing import assert_close
 
-import delta_trl.curvature_cache as cache
+from delta_trl._utils import sha256_file
 from delta_trl.cli import main as cli_main
 from delta_trl.curvature import CurvatureFactors, LayerCurvature
 from delta_trl.curvature_cache import (
@@ -139,7 +139,7 @@ def test_checksum_is_not_the_only_guard(factors, tmp_path):
     tensor_file, meta_file = path / "curvature.safetensors", path / "curvature.json"
     tensor_file.write_bytes(b"not a safetensors file at all")
     meta = json.loads(meta_file.read_text())
-    meta["tensor_file"] |= {"bytes": tensor_file.stat().st_size, "sha256": cache._sha256(tensor_file)}
+    meta["tensor_file"] |= {"bytes": tensor_file.stat().st_size, "sha256": sha256_file(tensor_file)}
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="cannot be parsed as safetensors"):
         load_curvature(path)

@@ -7,6 +7,7 @@ import torch
 from conftest import make_llama, make_tokenizer
 
 from delta_trl import embedded
+from delta_trl._utils import sha256_file
 from delta_trl.embedded import load_model_and_tokenizer, verify_embedded_model
 
 
@@ -15,7 +16,7 @@ def _fake_conversion(folder):
     (folder / "model.safetensors").write_bytes(b"0123456789")
     manifest = {
         "version": embedded.MANIFEST_VERSION,
-        "sha256": {"model.safetensors": embedded._sha256(folder / "model.safetensors")},
+        "sha256": {"model.safetensors": sha256_file(folder / "model.safetensors")},
         "sizes": {"model.safetensors": 10},
     }
     (folder / embedded.MANIFEST).write_text(json.dumps(manifest))
