@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 from transformers.modeling_outputs import ModelOutput
 from trl import DPOTrainer
 
@@ -56,34 +57,16 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
 
     loss_is_scaled_for_ga = False  # as DPOTrainer: every term is a micro-batch mean
 
-    def __init__(
-        self,
-        model: Any,
-        ref_model: Any = None,
-        args: DeltaDPOConfig | None = None,
-        *trainer_args: Any,
-        peft_config: PeftConfig | None = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        **trainer_kwargs: Any,
-    ) -> None:
+    def __init__(self, model: Any, ref_model: Any = None, args: DeltaDPOConfig | None = None, *trainer_args, **kwargs):
+        """Same arguments as ``DPOTrainer`` (positional or keyword), with ``args`` a :class:`DeltaDPOConfig`."""
         if not isinstance(args, DeltaDPOConfig):
             raise TypeError(f"DeltaDPOTrainer needs `args=DeltaDPOConfig(...)`, got {type(args).__name__}.")
-        check_delta_inputs(model, peft_config, args)
-        if train_dataset is not None:
-            _check_preference_columns(train_dataset, "train_dataset")
-        if eval_dataset is not None:
-            _check_preference_columns(eval_dataset, "eval_dataset")
-        super().__init__(
-            model,
-            ref_model,
-            args,
-            *trainer_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            peft_config=peft_config,
-            **trainer_kwargs,
-        )
+        given = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *trainer_args, **kwargs)
+        check_delta_inputs(model, given.arguments.get("peft_config"), args)
+        for name in ("train_dataset", "eval_dataset"):
+            if given.arguments.get(name) is not None:
+                _check_preference_columns(given.arguments[name], name)
+        super().__init__(model, ref_model, args, *trainer_args, **kwargs)
         unwrapped: PeftModel = self.accelerator.unwrap_model(self.model)
         if args.delta_mode != "nonlinear":
             self._reference = self._reference_source(unwrapped, args)

@@ -87,12 +87,13 @@ class DeltaTrainerMixin:
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._student_name = unwrapped.active_adapter
         self._teacher_name = args.teacher_adapter_name if args.delta_mode in MODES_WITH_TEACHER else None
-        self._curvature = self._load_curvature(unwrapped) if args.curvature_weight > 0 else None
-        if args.delta_mode in MODES_WITH_JVP:
+        # The JVP needs forward-mode AD through every layer, and the curvature penalty reads the LoRA weights whole.
+        if args.delta_mode in MODES_WITH_JVP or args.curvature_weight > 0:
             if self.is_fsdp_enabled:
                 raise ValueError(
-                    "FSDP has no forward-mode AD (pytorch/pytorch#182641), so the linearized teacher cannot run. "
-                    "Use DDP or DeepSpeed ZeRO-1/2 (accelerate_configs/multi_gpu.yaml, zero2.yaml)."
+                    "FSDP shards the weights and has no forward-mode AD (pytorch/pytorch#182641), so the linearized "
+                    "teacher and the curvature penalty cannot run. Use DDP or DeepSpeed ZeRO-1/2 "
+                    "(accelerate_configs/multi_gpu.yaml, zero2.yaml)."
                 )
             plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
             if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
@@ -101,6 +102,7 @@ class DeltaTrainerMixin:
                     "so the linearized teacher cannot run. Use ZeRO-2 (accelerate_configs/zero2.yaml): LoRA "
                     "optimizer states are small, and ZeRO-2 shards them."
                 )
+        self._curvature = self._load_curvature(unwrapped) if args.curvature_weight > 0 else None
 
     def _load_curvature(self, model: PeftModel):
         """θ0's curvature factors: the cache at `curvature_path`, or estimated on `curvature_dataset` and cached."""

@@ -246,3 +246,16 @@ def test_bad_inputs_fail_when_the_trainer_is_built(tiny_tokenizer, tmp_path):
         _trainer(tiny_tokenizer, tmp_path, model=trained, peft=False)
     fresh = get_peft_model(make_llama(), LoraConfig(**LORA))  # B = 0: its "ref" copy is the base model
     assert _trainer(tiny_tokenizer, tmp_path, model=fresh, peft=False)._reference == "base"
+
+
+def test_positional_arguments_like_dpo_trainer(tiny_tokenizer, tmp_path):
+    """DPOTrainer(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, ...)."""
+    data = Dataset.from_list(preference_rows(8))
+    args = DeltaDPOConfig(output_dir=str(tmp_path / "out"), **COMMON)
+    trainer = DeltaDPOTrainer(
+        make_llama(), None, args, None, data, None, tiny_tokenizer, peft_config=LoraConfig(**LORA)
+    )
+    assert "delta_teacher" in trainer.model.peft_config
+    with pytest.raises(ValueError, match="preference data needs"):
+        DeltaDPOTrainer(make_llama(), None, args, None, Dataset.from_list([{"text": "x"}] * 2), None, tiny_tokenizer,
+                        peft_config=LoraConfig(**LORA))  # fmt: skip
