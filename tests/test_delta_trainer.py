@@ -1,6 +1,7 @@
 """DeltaTrainer: parity with Seq2SeqTrainer, the loss assembled from the pure functions, accumulation, resume, saving."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +252,39 @@ def test_bad_inputs_fail_when_the_trainer_is_built(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="predict_with_generate"):
         DeltaTrainer(model=make_llama(), peft_config=_lora("llama"), train_dataset=rows,
                      args=delta_config(tmp_path, delta_mode="linear", predict_with_generate=True))  # fmt: skip
+
+
+def test_push_to_hub_uploads_the_student_alone(tiny_tokenizer, tmp_path, monkeypatch):
+    """Trainer.push_to_hub through a fake Hub API: the uploaded folder is what stock PEFT loads, with no teacher."""
+    import fnmatch
+    from types import SimpleNamespace
+
+    import transformers.trainer
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            for path in sorted(Path(folder_path).rglob("*")):
+                relative = str(path.relative_to(folder_path))
+                if path.is_file() and not any(fnmatch.fnmatch(relative.split("/")[0], p) for p in ignore_patterns):
+                    uploaded[relative] = path.read_bytes()
+            return SimpleNamespace(repo_id=repo_id)
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeApi)
+    trainer = _trainer("llama", tiny_tokenizer, tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    trainer.push_to_hub()
+    assert {"adapter_model.safetensors", "adapter_config.json", "delta_trl.json"} <= uploaded.keys()
+    assert not any("teacher" in name or name.startswith("checkpoint-") for name in uploaded)
+    (tmp_path / "pulled").mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (tmp_path / "pulled" / name).write_bytes(uploaded[name])
+    assert not any("teacher" in k for k in load_file(tmp_path / "pulled" / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(make_llama(), tmp_path / "pulled")
+    ids = torch.tensor([[5, 6, 7]])
+    trainer.model.eval()
+    assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
