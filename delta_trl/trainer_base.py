@@ -1,7 +1,8 @@
 """What both DELTA trainers share: the teacher adapter's life cycle, α per step, metrics, saving and resuming.
 
-Only public ``Trainer`` methods are overridden (``log``, ``save_model``, ``train``); the loss lives in each trainer's
-``compute_loss`` and the mathematics in :mod:`delta_trl.losses` / :mod:`delta_trl.linearize`.
+Only public ``Trainer`` methods are overridden (``save_model``, ``train``); the loss lives in each trainer's
+``compute_loss`` and the mathematics in :mod:`delta_trl.losses`, :mod:`delta_trl.linearize` and
+:mod:`delta_trl.curvature`.
 """
 
 from __future__ import annotations
