@@ -34,6 +34,7 @@ from . import plots
 from ._utils import write_json
 from .evaluation import ClassificationSet, class_scores, merged_logits
 from .linearize import linearized_forward
+from .losses import IGNORE_INDEX, completion_logps
 from .selection import AlphaSelection, NegationSelection
 
 
@@ -188,8 +189,7 @@ def completion_logp(
     y = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([x + y])
     logits = merged_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, factors, linearized)
-    logprobs = logits[0, len(x) - 1 : -1].float().log_softmax(dim=-1)  # positions predicting y
-    return float(logprobs.gather(-1, torch.tensor(y).unsqueeze(-1)).sum())
+    return float(completion_logps(logits, torch.tensor([[IGNORE_INDEX] * len(x) + y]))[0])
 
 
 def preference_accuracy(

@@ -9,6 +9,7 @@ import torch
 from conftest import make_llama
 from peft import LoraConfig, get_peft_model
 
+from delta_trl.adapters import scaled_adapters
 from delta_trl.diagnostics import (
     PreferenceSet,
     alpha_sweep_report,
@@ -127,3 +128,14 @@ def test_dpo_front_on_tiny_model(llama_with_adapters, tiny_tokenizer, tmp_path):
 
     assert preference_accuracy(model, tiny_tokenizer, pairs, {}) == 0.0
     assert completion_logp(model, tiny_tokenizer, "What", " is", {}) < 0
+
+
+def test_completion_logp_is_the_sum_of_next_token_logprobs(llama_with_adapters, tiny_tokenizer):
+    model = llama_with_adapters
+    x = tiny_tokenizer("What is 2 + 3?")["input_ids"]
+    y = tiny_tokenizer(" 5.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), scaled_adapters(model, {"help": 0.7, "verb": 0.0}):
+        logprobs = model(input_ids=torch.tensor([x + y])).logits[0].log_softmax(-1)
+    expected = sum(logprobs[len(x) - 1 + k, token].item() for k, token in enumerate(y))
+    got = completion_logp(model, tiny_tokenizer, "What is 2 + 3?", " 5.", {"help": 0.7})
+    assert got == pytest.approx(expected, rel=1e-6)
