@@ -201,7 +201,11 @@ class DeltaTrainerMixin:
             "evaluate_linearized": self.args.delta_mode == "linear",
             **{f.name: getattr(self.args, f.name) for f in dataclasses.fields(DeltaArguments)},
         }
-        atomic_write(folder / DELTA_MARKER_NAME, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2)))
+        # beside adapter_config.json: PEFT writes an adapter not named "default" into a sub-folder of that name
+        adapter_folder = folder if self._student_name == "default" else folder / self._student_name
+        atomic_write(
+            adapter_folder / DELTA_MARKER_NAME, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2))
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; when resuming, the teacher adapter's weights are restored from the checkpoint first."""

@@ -288,3 +288,22 @@ def test_push_to_hub_uploads_the_student_alone(tiny_tokenizer, tmp_path, monkeyp
     ids = torch.tensor([[5, 6, 7]])
     trainer.model.eval()
     assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_a_peft_model_is_accepted_and_its_adapter_is_the_student(tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(make_llama(), _lora("llama"), adapter_name="sst2")
+    trainer = DeltaTrainer(
+        model=peft_model,
+        args=delta_config(tmp_path, max_steps=2),
+        train_dataset=Dataset.from_list(addition_rows(tiny_tokenizer, n=8)),
+        data_collator=DataCollatorForSeq2Seq(tiny_tokenizer, padding=True),
+    )
+    assert trainer._student_name == "sst2"
+    assert set(peft_model.peft_config) == {"sst2", "delta_teacher"}
+    trainer.train()
+    trainer.save_model()
+    saved = load_file(tmp_path / "out" / "sst2" / "adapter_model.safetensors")
+    assert saved
+    assert not any("teacher" in k for k in saved)
+    assert json.loads((tmp_path / "out" / "sst2" / "delta_trl.json").read_text())["adapter_name"] == "sst2"
