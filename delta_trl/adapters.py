@@ -105,12 +105,6 @@ def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, 
     return teacher_config
 
 
-def adapter_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    """The ``lora_A``/``lora_B`` parameters of one adapter, by name."""
-    suffixes = (f".lora_A.{adapter_name}.weight", f".lora_B.{adapter_name}.weight")
-    return {n: p for n, p in model.named_parameters() if n.endswith(suffixes)}
-
-
 @contextlib.contextmanager
 def unparked(model: torch.nn.Module, adapter_name: str) -> Iterator[None]:
     """Give a parked adapter (see :func:`park_adapter`) its real scaling back inside the block."""

@@ -86,10 +86,10 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
         labels = inputs["labels"]
         shift = not self._is_encoder_decoder
         num_items, scale = self._loss_normalisation(num_items_in_batch)
-        count = supervised_mask(labels, shift=shift).sum()
+        mask = supervised_mask(labels, shift=shift)
 
         def as_mean(term: torch.Tensor) -> torch.Tensor:  # the per-token value of a term, for logging
-            return term.detach() / scale * (num_items / count if num_items is not None else 1)
+            return term.detach() / scale * (num_items / mask.sum() if num_items is not None else 1)
 
         def task_loss_of(logits: torch.Tensor) -> torch.Tensor:
             return token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
@@ -118,7 +118,6 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
                 )
                 teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
             student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
-            mask = supervised_mask(labels, shift=shift)
             distill_loss = scale * sum(
                 hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
                 for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
