@@ -1,8 +1,8 @@
 """LoRA adapter plumbing shared by the trainers, the linearized teacher and merging.
 
 Everything here works in *effective-weight* space: a LoRA module with scaling ``s`` contributes ``ΔW = s·B·A``, and
-the only knob DELTA turns is ``s`` (METHOD.md §2). Scaling the per-adapter ``scaling`` entry of every
-:class:`peft.tuners.lora.LoraLayer` by a factor ``c`` therefore moves the model to ``θ0 + c·τ`` exactly, for any
+the only knob DELTA turns is ``s``. Setting the scale of every :class:`peft.tuners.lora.LoraLayer` of an adapter
+to ``c`` times its nominal value (PEFT's ``set_scale``) therefore moves the model to ``θ0 + c·τ`` exactly, for any
 LoRA flavour whose contribution is linear in ``s`` (vanilla LoRA and rsLoRA; not DoRA or other ``lora_variant``).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -61,26 +62,44 @@ def check_linear_lora(model: torch.nn.Module, adapter_name: str) -> None:
             )
 
 
+def nominal_scaling(layer: LoraLayer, adapter_name: str) -> float:
+    """The scaling ``s`` the adapter's config gives it (``lora_alpha/r``, rsLoRA ``lora_alpha/√r``).
+
+    This is the ``s`` of the task vector ``τ = s·B·A`` that PEFT saves and reloads, whatever a running pass has set
+    the layer's live scaling to (α, ε, parked). ``LoraLayer.set_scale(name, 1.0)`` sets exactly this value (a test
+    guards the two against drifting apart).
+    """
+    r = layer.r[adapter_name]
+    return layer.lora_alpha[adapter_name] / (math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else r)
+
+
+def scale_multiplier(layer: LoraLayer, adapter_name: str) -> float | torch.Tensor:
+    """The factor ``c`` by which the adapter's live scaling differs from its nominal one (1 when untouched)."""
+    return layer.scaling[adapter_name] / nominal_scaling(layer, adapter_name)
+
+
 @contextlib.contextmanager
 def scaled_adapters(model: torch.nn.Module, factors: Mapping[str, float | torch.Tensor]) -> Iterator[None]:
     """Multiply the LoRA scaling of each named adapter by a factor (a float or a 0-d tensor) inside the block.
 
     With factors ``{student: α, teacher: 0}`` the network computes ``f(x; θ0 + α·τ_S)``; with ``{teacher: ε}`` where
-    ``ε`` is a forward-mode dual number, the tangent of the output is ``J f(x; θ0)·τ_T`` (METHOD.md §2). Adapters
-    are never toggled (PEFT's ``disable_adapter``/``set_adapter`` flip ``requires_grad``, which breaks inside
-    ``torch.func`` transforms), so this is safe inside ``torch.func.jvp`` and leaves ``requires_grad`` alone.
-    The original python floats are restored on exit, also on error.
+    ``ε`` is a forward-mode dual number, the tangent of the output is ``J f(x; θ0)·τ_T`` (the ε-trick). Scales go
+    through PEFT's own ``LoraLayer.set_scale`` (which accepts a tensor factor) rather than by editing ``scaling``.
+    Adapters are never toggled (PEFT's ``disable_adapter``/``set_adapter`` flip ``requires_grad``, which breaks
+    inside ``torch.func`` transforms), so this is safe inside ``torch.func.jvp`` and leaves ``requires_grad`` alone.
+    The previous multipliers are restored on exit, also on error.
     """
-    saved: list[tuple[LoraLayer, str, float]] = []
+    saved: list[tuple[LoraLayer, str, float | torch.Tensor]] = []
     try:
         for name, factor in factors.items():
             for layer in lora_layers(model, name):
-                saved.append((layer, name, layer.scaling[name]))
-                layer.scaling[name] = layer.scaling[name] * factor
+                multiplier = scale_multiplier(layer, name)
+                saved.append((layer, name, multiplier))
+                layer.set_scale(name, multiplier * factor)
         yield
     finally:
-        for layer, name, value in reversed(saved):
-            layer.scaling[name] = value
+        for layer, name, multiplier in reversed(saved):
+            layer.set_scale(name, multiplier)
 
 
 def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, teacher_r: int | None) -> LoraConfig:
@@ -100,32 +119,38 @@ def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, 
     if teacher_r is not None:
         teacher_config.r = teacher_r
     model.add_adapter(teacher_name, teacher_config)
+    activate_student_and_teacher(model, student_name, teacher_name)
+    return teacher_config
+
+
+def activate_student_and_teacher(model: PeftModel, student_name: str, teacher_name: str) -> None:
+    """Make both adapters active and trainable, the teacher parked; any other adapter (TRL's "ref") inactive.
+
+    Also the repair after anything that calls ``set_adapter`` with the student alone (the Trainer's checkpoint
+    loader does, for an adapter not named "default"), which would freeze the teacher.
+    """
     model.base_model.set_adapter([student_name, teacher_name])
     park_adapter(model, teacher_name)
-    return teacher_config
 
 
 @contextlib.contextmanager
 def unparked(model: torch.nn.Module, adapter_name: str) -> Iterator[None]:
-    """Give a parked adapter (see :func:`park_adapter`) its real scaling back inside the block."""
+    """Give a parked adapter (see :func:`park_adapter`) its nominal scaling back inside the block."""
     layers = lora_layers(model, adapter_name)
     try:
         for layer in layers:
-            layer.scaling[adapter_name] = layer.delta_trl_parked_scaling[adapter_name]
+            layer.set_scale(adapter_name, 1.0)
         yield
     finally:
         for layer in layers:
-            layer.scaling[adapter_name] = 0.0
+            layer.set_scale(adapter_name, 0.0)
 
 
 def park_adapter(model: torch.nn.Module, adapter_name: str) -> None:
-    """Keep an active, trainable adapter out of every forward pass by storing its scaling aside and zeroing it.
+    """Keep an active, trainable adapter out of every forward pass by setting its scale to 0.
 
     The teacher is parked for the whole run, so generation, evaluation and any forward a user makes see the student
-    alone; only the teacher pass (:func:`unparked`) gives it its scaling back.
+    alone; only the teacher pass (:func:`unparked`) gives it its nominal scaling back.
     """
     for layer in lora_layers(model, adapter_name):
-        if not hasattr(layer, "delta_trl_parked_scaling"):
-            layer.delta_trl_parked_scaling = {}
-        layer.delta_trl_parked_scaling[adapter_name] = layer.scaling[adapter_name]
-        layer.scaling[adapter_name] = 0.0
+        layer.set_scale(adapter_name, 0.0)

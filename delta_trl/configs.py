@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import Seq2SeqTrainingArguments
 from trl import DPOConfig
@@ -11,12 +12,14 @@ from .losses import ALPHA_SAMPLINGS
 
 
 DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")
+MODES_WITH_TEACHER = ("delta", "kd_only")  # `curvature_only` trains the student alone
+MODES_WITH_JVP = ("delta", "kd_only", "linear")
 CURVATURE_ESTIMATORS = ("ekfac", "kfac")
 
 
 @dataclass
 class DeltaArguments:
-    """The DELTA fields shared by :class:`DeltaConfig` and the DPO config (METHOD.md §2-3)."""
+    """The DELTA fields shared by :class:`DeltaConfig` and the DPO config (docs/METHOD.md §2-3)."""
 
     delta_mode: str = field(
         default="delta",
@@ -143,6 +146,29 @@ class DeltaArguments:
             )
 
 
+def check_delta_training_arguments(args: Any) -> None:
+    """Refuse Trainer switches the DELTA modes cannot honour (after the parent config's ``__post_init__``)."""
+    if args.delta_mode == "nonlinear":
+        return
+    moving_alpha = args.delta_mode in MODES_WITH_TEACHER and args.alpha_sampling != "fixed"
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(
+            f"use_liger_kernel fuses the LM head into the loss, so there are no logits for delta_mode="
+            f"{args.delta_mode!r}'s own loss and linearized teacher; set use_liger_kernel=False."
+        )
+    if getattr(args, "torch_compile", False) and moving_alpha:
+        raise ValueError(
+            "torch_compile recompiles the model for every new α (the LoRA scale is a Python float it guards on), then "
+            "falls back to eager. Set torch_compile=False, or alpha_sampling='fixed'."
+        )
+    if args.gradient_checkpointing and moving_alpha and not args.task_loss_at_alpha:
+        raise ValueError(
+            "task_loss_at_alpha=False runs the student at α = 1 and at the sampled α in one step, and gradient "
+            "checkpointing would recompute both at one scale. Set task_loss_at_alpha=True or "
+            "gradient_checkpointing=False."
+        )
+
+
 def fields_docstring(cls: type) -> str:
     """An HF-style ``Parameters:`` section generated from the fields' help, so docs and fields cannot drift."""
     lines = ["Parameters:"]
@@ -159,6 +185,7 @@ class DeltaConfig(Seq2SeqTrainingArguments, DeltaArguments):
     def __post_init__(self) -> None:
         self.validate_delta_fields()
         super().__post_init__()
+        check_delta_training_arguments(self)
 
 
 DeltaConfig.__doc__ = (
@@ -171,22 +198,38 @@ DeltaConfig.__doc__ = (
 class DeltaDPOConfig(DPOConfig, DeltaArguments):
     def __post_init__(self) -> None:
         self.validate_delta_fields()
+        if isinstance(self.loss_type, str):  # DPOConfig accepts one name or a list of names
+            self.loss_type = [self.loss_type]
         if self.delta_mode != "nonlinear":
-            unsupported = {
-                "loss_type": (list(self.loss_type), ["sigmoid"]),
-                "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
-                "ld_alpha": (self.ld_alpha, None),
-                "use_weighting": (self.use_weighting, False),
-                "sync_ref_model": (self.sync_ref_model, False),
-            }
-            for name, (value, supported) in unsupported.items():
-                if value != supported:
-                    raise ValueError(
-                        f"{name}={value!r} is not supported with delta_mode={self.delta_mode!r}: the DELTA teacher "
-                        f"and student use sigmoid DPO against the base model ({name}={supported!r}). Use "
-                        "delta_mode='nonlinear' for TRL's other DPO variants."
-                    )
+            check_delta_dpo_options(self)
         super().__post_init__()
+        check_delta_training_arguments(self)
+
+
+def check_delta_dpo_options(config: DeltaDPOConfig) -> None:
+    """Raise on a DPOConfig option that DELTA's loss (sigmoid DPO against θ0, for student and teacher) would ignore."""
+    supported = {
+        "loss_type": (list(config.loss_type), ["sigmoid"]),
+        "loss_weights": (None if config.loss_weights in (None, [1.0]) else list(config.loss_weights), None),
+        "label_smoothing": (config.label_smoothing, 0.0),
+        "f_divergence_type": (str(getattr(config.f_divergence_type, "value", config.f_divergence_type)), "reverse_kl"),
+        "ld_alpha": (config.ld_alpha, None),
+        "use_weighting": (config.use_weighting, False),
+        "sync_ref_model": (config.sync_ref_model, False),
+        "padding_free": (config.padding_free, False),
+    }
+    for name, (value, expected) in supported.items():
+        if value != expected:
+            why = (
+                "packs sequences without an attention mask, which needs flash-attention, and flash-attention has no "
+                "forward-mode AD for the linearized teacher"
+                if name == "padding_free"
+                else "the DELTA teacher and student use sigmoid DPO against the base model"
+            )
+            raise ValueError(
+                f"{name}={value!r} is not supported with delta_mode={config.delta_mode!r}: {why} ({name}={expected!r}). "
+                "Use delta_mode='nonlinear' for TRL's other DPO variants."
+            )
 
 
 DeltaDPOConfig.__doc__ = (

@@ -1,4 +1,4 @@
-"""Task-agnostic curvature of the base model (METHOD.md §4): K-FAC / EK-FAC factors of the GGN at θ0 and the penalty.
+"""Task-agnostic curvature of the base model (docs/METHOD.md §4): K-FAC / EK-FAC factors of the GGN at θ0 and the penalty.
 
 With ``J`` the Jacobian of the final hidden states with respect to the weights, the GGN of a squared loss on the
 output at θ0 is ``G = E_x[Jᵀ J]`` and the output drift caused by a task vector ``τ`` is ``R(τ) = τᵀ G τ``. Per LoRA
@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 
-from .adapters import check_linear_lora, lora_layers
+from .adapters import check_linear_lora, lora_layers, nominal_scaling
 
 
 ESTIMATORS = ("ekfac", "kfac")
@@ -320,10 +320,9 @@ def linear_base_layer(module: torch.nn.Module, name: str) -> torch.nn.Linear:
 def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter_name: str) -> torch.Tensor:
     """``R(τ) = Σ_layers R_l`` for one LoRA adapter, differentiable with respect to its ``lora_A`` / ``lora_B``.
 
-    ``R_l`` is :func:`ekfac_penalty` or :func:`kfac_penalty` of the layer's ``ΔW = s·B·A_l``, where ``s`` is read from
-    ``layer.scaling[adapter_name]`` **at call time**. DELTA's trainer parks the teacher adapter at scaling 0
-    (:func:`delta_trl.adapters.park_adapter`), so its penalty must be computed inside
-    ``delta_trl.adapters.unparked(model, teacher_name)``; outside it the teacher's penalty is 0.
+    ``R_l`` is :func:`ekfac_penalty` or :func:`kfac_penalty` of the layer's ``ΔW = s·B·A_l``, where ``s`` is the
+    adapter's nominal scaling (:func:`delta_trl.adapters.nominal_scaling`): the task vector PEFT saves, whatever
+    scale a running pass has set (α for the student, 0 for the parked teacher).
 
     Args:
         model: a ``PeftModel`` (or the model under it) carrying the adapter.
@@ -364,7 +363,7 @@ def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter
                 f"{(weight_b.shape[0], weight_a.shape[1])}; they belong to another model."
             )
         layer_factors = layer_factors.to(weight_a.device, torch.float32)
-        value = layer_penalty(weight_a.float(), weight_b.float(), layer.scaling[adapter_name], layer_factors)
+        value = layer_penalty(weight_a.float(), weight_b.float(), nominal_scaling(layer, adapter_name), layer_factors)
         total = value if total is None else total + value
     return total
 

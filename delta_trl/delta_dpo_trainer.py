@@ -38,7 +38,7 @@ def _check_preference_columns(dataset: Any, name: str) -> None:
 
 
 class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
-    """The only change with respect to ``DPOTrainer`` is the loss (METHOD.md §3), chosen by ``args.delta_mode``:
+    """The only change with respect to ``DPOTrainer`` is the loss (docs/METHOD.md §3), chosen by ``args.delta_mode``:
 
     - ``delta`` / ``kd_only``: ``DPO_S(α) + γ·L_KD(α) + β_T·DPO_T(α)``. The student's DPO loss at ``θ0 + α·τ_S``;
       the teacher's is *linear DPO*: its policy log-probs come from the linearized logits ``f(θ0) + α·J·τ_T`` of one
@@ -63,6 +63,12 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
             raise TypeError(f"DeltaDPOTrainer needs `args=DeltaDPOConfig(...)`, got {type(args).__name__}.")
         given = inspect.signature(DPOTrainer.__init__).bind(self, model, ref_model, args, *trainer_args, **kwargs)
         check_delta_inputs(model, given.arguments.get("peft_config"), args)
+        if isinstance(model, PeftModel) and "default" not in model.peft_config:
+            raise ValueError(
+                f"TRL's DPOTrainer builds its reference from the adapter named 'default', and this PeftModel's "
+                f"adapters are {sorted(model.peft_config)}. Load the adapter as 'default' "
+                "(PeftModel.from_pretrained(base, path) does), or pass the base model with a peft_config."
+            )
         for name in ("train_dataset", "eval_dataset"):
             if given.arguments.get(name) is not None:
                 _check_preference_columns(given.arguments[name], name)
@@ -117,7 +123,16 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
                     chosen, rejected = completion_logps(logits, labels).chunk(2)
                     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta).losses.mean()
 
-                teacher_loss = linearized_loss(unwrapped, model_kwargs, adapter, linearized, teacher_dpo, alpha)
+                # `linear` runs no other forward through the DDP wrapper, which reduces only what went through it
+                teacher_loss = linearized_loss(
+                    unwrapped,
+                    model_kwargs,
+                    adapter,
+                    linearized,
+                    teacher_dpo,
+                    alpha,
+                    forward_model=model if linear else None,
+                )
             teacher_logps = completion_logps(linearized.logits(alpha), labels).chunk(2)
             teacher = dpo_loss(*teacher_logps, ref_chosen, ref_rejected, beta=args.beta)  # for the metrics
             if not linear:
@@ -127,7 +142,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
         if linear:
             loss, policy, logits, policy_logps = teacher_loss, teacher, linearized.logits(alpha), teacher_logps
         else:
-            with scaled_adapters(unwrapped, {self._student_name: alpha}):
+            with self._student_at(unwrapped, alpha):
                 outputs = model(**model_kwargs, output_hidden_states=training)
             logits = outputs.logits
             policy_logps = completion_logps(logits, labels).chunk(2)

@@ -9,7 +9,7 @@ from peft import PeftConfig, get_peft_model
 from transformers import Seq2SeqTrainer
 from transformers.modeling_outputs import ModelOutput
 
-from .adapters import scaled_adapters, unparked
+from .adapters import unparked
 from .configs import DeltaConfig
 from .linearize import forward_kwargs, hidden_states_of, linearized_forward, linearized_loss
 from .losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
@@ -17,7 +17,7 @@ from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inp
 
 
 class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
-    """The only change with respect to ``Seq2SeqTrainer`` is the loss (METHOD.md §3), chosen by ``args.delta_mode``:
+    """The only change with respect to ``Seq2SeqTrainer`` is the loss (docs/METHOD.md §3), chosen by ``args.delta_mode``:
 
     - ``delta`` / ``kd_only``: ``L_S(α) + γ·L_KD(α) + β_T·L_T(α)``: the LoRA student at ``θ0 + α·τ_S``, the
       linearized teacher ``f(θ0) + α·J·τ_T`` (one JVP), their last hidden states distilled on supervised positions;
@@ -96,13 +96,16 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
 
         if args.delta_mode == "linear":
             linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
-            loss = linearized_loss(unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha)
+            # through the wrapped model: no other forward of this step goes through DDP, which reduces gradients
+            loss = linearized_loss(
+                unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha, forward_model=model
+            )
             logits = linearized.logits(alpha)
             self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
             return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
 
         student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
-        with scaled_adapters(unwrapped, {self._student_name: alpha}):
+        with self._student_at(unwrapped, alpha):
             outputs = model(**student_kwargs)
         task_loss = task_loss_of(outputs.logits)
         if not training:
@@ -129,7 +132,8 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
                 "delta/distill_loss": as_mean(distill_loss),
             }
             if not args.task_loss_at_alpha and alpha != 1.0:
-                task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
+                with self._student_at(unwrapped, 1.0):
+                    task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
         penalty = self._curvature_penalty(unwrapped)
         accumulation = 1
         if penalty is not None:

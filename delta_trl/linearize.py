@@ -1,4 +1,4 @@
-"""The linearized LoRA model, computed with forward-mode AD along the LoRA scaling (the ε-trick, METHOD.md §2).
+"""The linearized LoRA model, computed with forward-mode AD along the LoRA scaling (the ε-trick, docs/METHOD.md §2).
 
 For a teacher adapter with effective update ``τ_T = {s·B_T·A_T}``, scale its LoRA scaling by a scalar ``ε`` (all other
 adapters scaled by 0) and differentiate ``ε ↦ f(x; θ0 + ε·τ_T)`` at ``ε = 0`` with tangent 1::
@@ -97,53 +97,67 @@ def hidden_states_of(outputs: Any, is_encoder_decoder: bool) -> tuple[torch.Tens
     return states
 
 
-# Forward hooks that call `output.requires_grad_()`: transformers' `enable_input_require_grads` (also registered by
-# `activation_checkpointing_enable`, sometimes twice, with only the last handle kept) and PEFT's k-bit preparation.
-_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
-
-
 @contextlib.contextmanager
 def jvp_safe_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put ``model`` in a state where ``torch.func.jvp`` works, restoring everything on exit.
 
     - eval mode: no dropout (T5 ``dropout_rate``, ``lora_dropout``), so the teacher is deterministic;
     - activation checkpointing off: its recomputation is not traceable by forward AD (pytorch/functorch#993);
-    - no input-embedding ``requires_grad_`` hooks: an in-place ``requires_grad_`` raises inside functorch transforms;
     - SDPA on its MATH kernel: the fused flash/efficient kernels have no forward-mode AD formula.
+
+    The input embeddings' ``requires_grad_`` hooks (``enable_input_require_grads``, which raise inside functorch
+    transforms) are avoided rather than removed: :func:`forward_kwargs` embeds the tokens outside the transform.
     """
     was_training = model.training
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    hooks = [
-        (module, key, hook)
-        for module in model.modules()
-        for key, hook in list(module._forward_hooks.items())
-        if getattr(hook, "__name__", "") in _REQUIRE_GRADS_HOOKS
-    ]
     try:
         model.eval()
         for module in checkpointed:
             module.gradient_checkpointing = False
-        for module, key, _ in hooks:
-            del module._forward_hooks[key]
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        for module, key, hook in hooks:
-            module._forward_hooks[key] = hook
         for module in checkpointed:
             module.gradient_checkpointing = True
         model.train(was_training)
 
 
-def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+def check_input_embeddings_frozen(model: torch.nn.Module) -> None:
+    """Raise if a LoRA adapter sits on the input embeddings: the teacher pass embeds tokens outside the JVP."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    modules = [base.get_input_embeddings()]
+    if getattr(base.config, "is_encoder_decoder", False) and hasattr(base, "get_decoder"):
+        modules.append(base.get_decoder().get_input_embeddings())
+    if any(isinstance(module, LoraLayer) for module in modules):
+        raise ValueError(
+            "A LoRA adapter targets the input embeddings; the linearized teacher needs them frozen (its pass embeds "
+            "the tokens outside the forward-mode transform). Remove the embedding layer from target_modules, or use "
+            "delta_mode='nonlinear'."
+        )
+
+
+def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, Any], *, embed: bool = False) -> dict[str, Any]:
     """Forward kwargs without labels (the loss is computed outside, token-exact), with hidden states requested and
-    decoder inputs built from the labels for encoder-decoder models."""
+    decoder inputs built from the labels for encoder-decoder models.
+
+    With ``embed=True`` token ids are replaced by their (detached) embeddings, computed here, outside any
+    ``torch.func`` transform: the ``requires_grad_`` hooks that PEFT and transformers put on the input embeddings
+    (for gradient checkpointing) then run where they are harmless, and the teacher pass never calls them.
+    """
     kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
     config = model.config
-    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs:
+    is_encoder_decoder = getattr(config, "is_encoder_decoder", False)
+    if is_encoder_decoder and "decoder_input_ids" not in kwargs and "decoder_inputs_embeds" not in kwargs:
         if "labels" not in inputs:
             raise ValueError("An encoder-decoder model needs `labels` or `decoder_input_ids` for the teacher pass.")
         kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+    if embed:
+        with torch.no_grad():
+            if "input_ids" in kwargs:
+                kwargs["inputs_embeds"] = model.get_input_embeddings()(kwargs.pop("input_ids")).detach()
+            if "decoder_input_ids" in kwargs:
+                decoder_embeddings = model.get_decoder().get_input_embeddings()
+                kwargs["decoder_inputs_embeds"] = decoder_embeddings(kwargs.pop("decoder_input_ids")).detach()
     kwargs["output_hidden_states"] = True
     kwargs["return_dict"] = True
     return kwargs
@@ -181,7 +195,7 @@ def linearized_forward(
     check_jvp_support(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
-    kwargs = forward_kwargs(base, inputs)
+    kwargs = forward_kwargs(base, inputs, embed=True)
     others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
 
     def forward(eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -209,6 +223,7 @@ def linearized_loss(
     linearized: LinearizedOutput,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     alpha: float = 1.0,
+    forward_model: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """``L(f_lin(x; α·τ))`` with the exact gradient w.r.t. the adapter's LoRA weights, without backpropagating
     through the JVP.
@@ -225,6 +240,9 @@ def linearized_loss(
         linearized: the output of ``linearized_forward(..., differentiable=False)`` on the same inputs.
         loss_fn: maps linearized logits ``(B, T, V)`` to a scalar loss.
         alpha: the point of the path, ``f_lin = f(θ0) + α·T``.
+        forward_model: what runs the forward at θ0, ``model`` by default. Pass the DDP/DeepSpeed-wrapped model when
+            no other wrapped forward runs in the step (``linear`` mode): DDP all-reduces only the gradients of a
+            step whose forward went through the wrapper.
     """
     if not torch.is_grad_enabled():  # evaluation: the value is all that is needed
         return loss_fn(linearized.logits(alpha).detach())
@@ -238,12 +256,12 @@ def linearized_loss(
         captured.append((layer, args[0].detach(), output))
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    kwargs = forward_kwargs(base, inputs)
+    kwargs = forward_kwargs(base, inputs, embed=True)
     zeros = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling}
     handles = [layer.register_forward_hook(capture) for layer in layers]
     try:
         with jvp_safe_mode(model), scaled_adapters(model, zeros), torch.enable_grad():
-            base_logits = model(**kwargs).logits
+            base_logits = (forward_model or model)(**kwargs).logits
             outputs = [output for _, _, output in captured]
             deltas = torch.autograd.grad(base_logits, outputs, grad_outputs=alpha * cotangent, allow_unused=True)
     finally:

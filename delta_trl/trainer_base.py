@@ -24,18 +24,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from . import __version__
 from ._utils import atomic_write
-from .adapters import add_teacher_adapter, check_linear_lora, check_linear_lora_config, unparked
-from .configs import DeltaArguments
+from .adapters import (
+    activate_student_and_teacher,
+    add_teacher_adapter,
+    check_linear_lora,
+    check_linear_lora_config,
+    scaled_adapters,
+)
+from .configs import MODES_WITH_JVP, MODES_WITH_TEACHER, DeltaArguments
 from .curvature import curvature_penalty
 from .curvature_cache import load_or_estimate_curvature, load_text_dataset
-from .linearize import check_hidden_layers, check_jvp_support
+from .linearize import check_hidden_layers, check_input_embeddings_frozen, check_jvp_support
 from .losses import sample_alpha
 
 
 TEACHER_WEIGHTS_NAME = "delta_teacher.safetensors"
 DELTA_MARKER_NAME = "delta_trl.json"
-MODES_WITH_TEACHER = ("delta", "kd_only")  # `curvature_only` trains the student alone
-MODES_WITH_JVP = ("delta", "kd_only", "linear")
 
 
 def check_delta_inputs(model: Any, peft_config: PeftConfig | None, args: DeltaArguments) -> None:
@@ -46,7 +50,7 @@ def check_delta_inputs(model: Any, peft_config: PeftConfig | None, args: DeltaAr
         if peft_config is not None:
             raise ValueError("The model is already a PeftModel: pass either a PeftModel or `peft_config`, not both.")
         check_linear_lora(model, model.active_adapter)
-        base = model.get_base_model()
+        lora_config, base = model.peft_config[model.active_adapter], model.get_base_model()
     elif peft_config is None:
         raise ValueError(
             "DELTA trains LoRA adapters: pass a `peft.PeftModel` with a LoRA adapter, or a model plus "
@@ -54,16 +58,47 @@ def check_delta_inputs(model: Any, peft_config: PeftConfig | None, args: DeltaAr
         )
     else:
         check_linear_lora_config(peft_config, "the `peft_config` adapter")
-        base = model
+        lora_config, base = peft_config, model
+    if args.delta_mode == "nonlinear":
+        return
+    if getattr(lora_config, "modules_to_save", None):
+        raise ValueError(
+            f"modules_to_save={list(lora_config.modules_to_save)} trains whole modules, which are not part of the LoRA "
+            f"task vector τ = s·B·A that delta_mode={args.delta_mode!r} linearizes, interpolates and merges. Put a "
+            "LoRA adapter on those modules instead (target_modules), or use delta_mode='nonlinear'."
+        )
+    if getattr(lora_config, "bias", "none") == "all":
+        raise ValueError(
+            "LoraConfig(bias='all') trains the base model's biases, which are not part of the LoRA task vector; use "
+            "bias='none' (or 'lora_only', which scales with the adapter), or delta_mode='nonlinear'."
+        )
     if args.delta_mode in MODES_WITH_JVP:
+        check_not_quantized(base, args.delta_mode)
         check_jvp_support(base)
         check_hidden_layers(base.config, args.distill_layers)
+
+
+def check_not_quantized(model: Any, mode: str) -> None:
+    """Raise if the base model is quantized (bitsandbytes 4/8-bit, GPTQ, AWQ...): no forward-mode AD through it."""
+    quantization = getattr(model, "hf_quantizer", None) or getattr(model.config, "quantization_config", None)
+    if (
+        quantization is not None
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+    ):
+        raise ValueError(
+            f"The base model is quantized ({type(quantization).__name__ if quantization is not None else 'k-bit'}); "
+            f"quantized layers have no forward-mode AD, so delta_mode={mode!r} cannot linearize it. Load the base "
+            "model in bf16/fp32, or use delta_mode='nonlinear' (plain QLoRA)."
+        )
 
 
 def add_delta_adapters(model: PeftModel, args: DeltaArguments) -> None:
     """Add the teacher adapter when the mode needs one (after any reference adapter the parent trainer makes)."""
     if args.delta_mode in MODES_WITH_TEACHER:
         add_teacher_adapter(model, model.active_adapter, args.teacher_adapter_name, args.teacher_r)
+    if args.delta_mode in MODES_WITH_JVP:
+        check_input_embeddings_frozen(model)
 
 
 @contextlib.contextmanager
@@ -127,18 +162,57 @@ class DeltaTrainerMixin:
         return factors.to(self.accelerator.device, torch.float32)  # once, not per penalty call
 
     def _curvature_penalty(self, model: PeftModel) -> torch.Tensor | None:
-        """``R(τ_S) + R(τ_T)`` (``R(τ_S)`` without a teacher), or ``None`` when the penalty is off (METHOD.md §4)."""
+        """``R(τ_S) + R(τ_T)`` (``R(τ_S)`` without a teacher), or ``None`` when the penalty is off (docs/METHOD.md §4)."""
         if self._curvature is None:
             return None
         penalty = curvature_penalty(model, self._curvature, self._student_name)
         if self._teacher_name:
-            with unparked(model, self._teacher_name):  # the penalty reads the adapter's real scaling
-                penalty = penalty + curvature_penalty(model, self._curvature, self._teacher_name)
+            penalty = penalty + curvature_penalty(model, self._curvature, self._teacher_name)
         return penalty
 
     # ---- per-step quantities -------------------------------------------------------------------------------------
 
+    _step_alpha: float | None = None  # the α that `training_step` holds the student at, for forward and backward
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The parent's step with the student held at ``θ0 + α·τ_S`` from its forward through its backward.
+
+        α must hold during the backward too: gradient checkpointing recomputes the student's forward there, and
+        a scale restored at the end of ``compute_loss`` would make that recomputation run at α = 1.
+        """
+        alpha = self._current_alpha() if self._teacher_name else 1.0
+        unwrapped = self.accelerator.unwrap_model(model)
+        self._step_alpha = alpha
+        try:
+            with scaled_adapters(unwrapped, {self._student_name: alpha}):
+                return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            self._step_alpha = None
+
+    @contextlib.contextmanager
+    def _student_at(self, model: PeftModel, alpha: float) -> Iterator[None]:
+        """The student at ``θ0 + α·τ_S`` inside the block, on top of whatever α ``training_step`` already holds."""
+        held = self._step_alpha if self._step_alpha is not None else 1.0
+        with contextlib.nullcontext() if alpha == held else scaled_adapters(model, {self._student_name: alpha / held}):
+            yield
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The parent's optimizer, over both adapters: re-activate the teacher first.
+
+        The Trainer's checkpoint loader calls ``set_adapter(student)`` for an adapter not named "default", which
+        deactivates and freezes the teacher before the optimizer is built; resuming would then load an optimizer
+        state with more parameters than the optimizer has.
+        """
+        if getattr(self, "_teacher_name", None):
+            activate_student_and_teacher(
+                self.accelerator.unwrap_model(self.model), self._student_name, self._teacher_name
+            )
+        return super().create_optimizer(*args, **kwargs)
+
     def _current_alpha(self) -> float:
+        """α for this optimizer step: a function of the seed and the global step, the same on every rank."""
+        if self._step_alpha is not None:
+            return self._step_alpha
         args: DeltaArguments = self.args
         return sample_alpha(
             self.state.global_step,
