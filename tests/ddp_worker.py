@@ -1,6 +1,8 @@
-"""Worker for test_distributed.py: one optimizer step of DeltaTrainer, then rank 0 saves the LoRA weights."""
+"""Worker for test_distributed.py: one SGD step of a DELTA trainer in every mode; every rank saves its LoRA weights.
 
-import os
+Usage: ddp_worker.py {sft,dpo} OUTPUT_DIR PER_DEVICE_BATCH REFERENCE_TEXT_FILE
+"""
+
 import sys
 from pathlib import Path
 
@@ -14,34 +16,57 @@ from transformers import DataCollatorForSeq2Seq
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import addition_rows, delta_config, make_llama, make_tokenizer  # noqa: E402
 
-from delta_trl import DeltaTrainer  # noqa: E402
+from delta_trl import DeltaDPOConfig, DeltaDPOTrainer, DeltaTrainer  # noqa: E402
 
 
-def main(output: Path, per_device_batch: int) -> None:
+MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+
+
+def preference_rows(n: int) -> list[dict]:
+    return [{"prompt": f"What is {i % 5} + {i % 3}?", "chosen": f" {i % 5 + i % 3}", "rejected": f" {i} or so"}
+            for i in range(n)]  # fmt: skip
+
+
+def build(kind: str, mode: str, output: Path, per_device_batch: int, reference: str):
     tokenizer = make_tokenizer(300)
+    common = {
+        "output_dir": str(output / mode / "run"), "max_steps": 1, "per_device_train_batch_size": per_device_batch,
+        "optim": "sgd", "learning_rate": 0.5, "lr_scheduler_type": "constant", "max_grad_norm": 0.0,
+        "alpha_sampling": "uniform", "delta_mode": mode, "seed": 0, "use_cpu": True, "report_to": "none",
+        "disable_tqdm": True, "save_strategy": "no", "dataloader_num_workers": 0,
+    }  # fmt: skip
+    if mode == "curvature_only":
+        common |= {"curvature_weight": 3.0, "curvature_path": str(output / "curvature"), "curvature_dataset": reference,
+                   "curvature_num_samples": 8, "curvature_max_length": 16}  # fmt: skip
     torch.manual_seed(0)
-    trainer = DeltaTrainer(
-        model=make_llama(),
-        args=delta_config(
-            output.parent,
-            max_steps=1,
-            per_device_train_batch_size=per_device_batch,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            alpha_sampling="uniform",
-            delta_mode=os.environ.get("DELTA_MODE", "delta"),
-        ),  # fmt: skip
-        train_dataset=Dataset.from_list(addition_rows(tokenizer, n=4)),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    if kind == "sft":
+        common.pop("output_dir")
+        return DeltaTrainer(
+            model=make_llama(),
+            args=delta_config(output / mode, **common),
+            train_dataset=Dataset.from_list(addition_rows(tokenizer, n=4)),
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**LORA),
+        )
+    return DeltaDPOTrainer(
+        model=make_llama(initializer_range=0.2),
+        args=DeltaDPOConfig(**common, bf16=False, gradient_checkpointing=False, max_length=64),
+        train_dataset=Dataset.from_list(preference_rows(4)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
     )
-    trainer.train()
-    if trainer.is_world_process_zero():
-        state = {k: p.detach().contiguous() for k, p in trainer.model.named_parameters() if "lora_" in k}
-        save_file(state, output)
+
+
+def main(kind: str, output: Path, per_device_batch: int, reference: str) -> None:
+    for mode in MODES:
+        trainer = build(kind, mode, output, per_device_batch, reference)
+        trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = {k: p.detach().contiguous() for k, p in model.named_parameters() if "lora_" in k}
+        save_file(state, output / mode / f"rank{trainer.args.process_index}.safetensors")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
