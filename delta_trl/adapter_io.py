@@ -183,8 +183,12 @@ def load_adapter(source: str | os.PathLike) -> LoadedAdapter:
     return LoadedAdapter(source, path, config, modules, read_delta_trl_metadata(path))
 
 
-def load_base_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
-    """Load a base model folder (or hub id) with the class named in its config's ``architectures``."""
+def load_base_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+    """Load a base model folder (or hub id) with the class named in its config's ``architectures``.
+
+    ``dtype`` (e.g. ``"float32"``, the ``base_model_dtype`` an adapter records) is passed to ``from_pretrained``;
+    ``None`` keeps its default.
+    """
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(name_or_path)
@@ -195,4 +199,5 @@ def load_base_model(name_or_path: str | os.PathLike) -> torch.nn.Module:
             f"Cannot tell which model class to load for {str(name_or_path)!r} (config.architectures="
             f"{architectures}); load the model yourself and pass the instance as `base_model`."
         )
-    return model_class.from_pretrained(name_or_path)
+    kwargs = {} if dtype is None else {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype}
+    return model_class.from_pretrained(name_or_path, **kwargs)

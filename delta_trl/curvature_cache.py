@@ -3,17 +3,19 @@
 A cache is a folder with two files::
 
     curvature.safetensors   the tensors, keyed ``{module}.{A,G}`` (K-FAC) or ``{module}.{U_A,lambda_A,U_G,lambda_G,D}``
-    curvature.json          format version, estimator, base model identity (name, revision, sha256 of the target
-                            modules' θ0 weights), target modules and shapes, reference-data fingerprint, sample and
-                            token counts, max_length, dtype, delta_trl version, and the tensor file's size and sha256
+    curvature.json          format version, estimator, base model identity (name and revision for display, and
+                            ``base_model_sha256``: :func:`delta_trl.fingerprint.base_model_fingerprint` of the whole
+                            θ0), target modules and shapes, reference-data fingerprint, sample and token counts,
+                            max_length, dtype, delta_trl version, and the tensor file's size and sha256
 
 It is written atomically (temporary sibling folder + ``os.replace``) and checked on every load: a truncated or altered
 tensor file, another format version, another model or other target modules raise ``ValueError`` naming the mismatch.
+:func:`load_or_estimate_curvature` holds a ``filelock`` while it estimates, so independent runs sharing a cache folder
+estimate it once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,53 +24,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import Timeout
 from huggingface_hub import HfApi
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._utils import atomic_output_dir, check_output_dir, sha256_file, write_json
+from ._utils import atomic_output_dir, check_output_dir, lock_for, sha256_file, write_json
 from .adapter_io import REPO_ID
 from .curvature import (
     ESTIMATORS,
     TENSOR_NAMES,
     CurvatureFactors,
     LayerCurvature,
-    base_model_of,
     check_finite,
-    linear_base_layer,
     resolve_target_modules,
 )
+from .fingerprint import FINGERPRINT_KEY, base_model_fingerprint
 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: the base model is identified by the sha256 of all its weights (1 hashed the target modules only).
+FORMAT_VERSION = 2
 TENSOR_FILE = "curvature.safetensors"
 METADATA_FILE = "curvature.json"
-
-
-def weights_sha256(model: torch.nn.Module, module_names: Sequence[str]) -> str:
-    """sha256 over the θ0 weights (and biases) of the named linear modules: name, dtype, shape and bytes.
-
-    It identifies the base model the factors belong to: another checkpoint, revision or weight dtype hashes
-    differently. LoRA weights are not included (for a LoRA layer the ``base_layer`` is hashed).
-    """
-    digest = hashlib.sha256()
-    modules = dict(base_model_of(model).named_modules())
-    missing = sorted(set(module_names) - set(modules))
-    if missing:
-        raise ValueError(f"The model has no modules named {missing[:5]}: these factors belong to another model.")
-    for name in sorted(module_names):
-        linear = linear_base_layer(modules[name], name)
-        for kind, tensor in (("weight", linear.weight), ("bias", linear.bias)):
-            if tensor is None:
-                continue
-            data = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}.{kind}:{data.dtype}:{tuple(data.shape)}".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
 
 
 def save_curvature(factors: CurvatureFactors, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -133,9 +114,10 @@ def read_curvature_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{str(meta_path)!r} is not valid JSON ({err}): the cache is corrupt.") from err
     if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
         version = metadata.get("format_version") if isinstance(metadata, dict) else None
+        why = " (it identifies the base model by its target modules only)" if version == 1 else ""
         raise ValueError(
-            f"{str(meta_path)!r} has curvature format version {version!r}; this delta_trl reads version "
-            f"{FORMAT_VERSION}. Re-estimate the cache (`delta-trl curvature`)."
+            f"{str(meta_path)!r} has curvature format version {version!r}{why}; this delta_trl reads version "
+            f"{FORMAT_VERSION}. Re-estimate the cache (`delta-trl curvature --overwrite`)."
         )
     for key in ("estimator", "target_modules", "shapes", "tensor_file", "base_model"):
         if key not in metadata:
@@ -154,8 +136,9 @@ def load_curvature(
 
     Args:
         path: the cache folder, or a Hub model repo id (``owner/name``) fetched with ``snapshot_download``.
-        model: the base model (or a ``PeftModel`` on it) the factors will be used with. Its target modules' θ0
-            weights must hash to the recorded ``weights_sha256``.
+        model: the base model (or a ``PeftModel`` on it) the factors will be used with. Its whole θ0 (every weight
+            and buffer, :func:`~delta_trl.fingerprint.base_model_fingerprint`) must hash to the recorded
+            ``base_model_sha256``.
         target_modules: the modules the factors must cover (see
             :func:`delta_trl.curvature.resolve_target_modules`; with a model and ``None``, its LoRA layers, if any).
             The returned factors are restricted to them; without a model, the names are matched exactly or by
@@ -193,17 +176,14 @@ def load_curvature(
         check_finite({f"{name}.{k}": t for k, t in layer.tensors.items()}, "cached curvature factor")
     factors = CurvatureFactors(layers=layers, metadata=metadata)
     if model is not None:
-        recorded = metadata["base_model"].get("weights_sha256")
-        try:
-            actual = weights_sha256(model, names)
-        except ValueError as err:
-            raise ValueError(f"The curvature cache {str(path)!r} does not fit this model: {err}") from err
+        recorded = metadata["base_model"].get(FINGERPRINT_KEY)
+        actual = base_model_fingerprint(model)
         if actual != recorded:
             raise ValueError(
-                f"The curvature cache {str(path)!r} was estimated on another model: the sha256 of the target modules' "
-                f"θ0 weights is {actual[:12]}… here but {str(recorded)[:12]}… in the cache (base model "
-                f"{metadata['base_model'].get('name_or_path')!r}). Another checkpoint, revision or weight dtype needs "
-                "its own cache."
+                f"The curvature cache {str(path)!r} was estimated on another model: the sha256 of all θ0 weights is "
+                f"{actual[:12]}… here but {str(recorded)[:12]}… in the cache (base model "
+                f"{metadata['base_model'].get('name_or_path')!r}). Another checkpoint, revision, weight dtype or any "
+                "changed layer needs its own cache."
             )
         if target_modules is not None or any(isinstance(m, LoraLayer) for m in model.modules()):
             factors = _select(factors, resolve_target_modules(model, target_modules), path)
@@ -275,6 +255,10 @@ def load_or_estimate_curvature(
     function: the reference samples are split across processes and the sums all-reduced, the main process writes the
     cache, and everyone waits for it before returning.
 
+    Independent runs sharing ``path`` estimate it once: the estimating process (rank 0 of a job) holds a file lock
+    (``.<name>.lock`` beside ``path``) from its decision to estimate until the cache is written; a run arriving
+    meanwhile waits for the lock, then loads that cache (see :func:`_decide_cache_action`).
+
     Args:
         model: the model to be trained (a ``PeftModel``: its LoRA layers are the targets unless ``target_modules``).
         path: cache folder (or Hub repo id to read from).
@@ -291,41 +275,105 @@ def load_or_estimate_curvature(
 
     # DDP / DeepSpeed wrappers prefix module names: hash, resolve and hook the model itself
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
-    if Path(path).is_dir() or (reference is None and not Path(path).exists() and REPO_ID.match(str(path))):
+    action, lock = _decide_cache_action(path, reference, tokenizer)
+    if action == _LOAD:
         return load_curvature(path, model=unwrapped, target_modules=target_modules)
+    try:
+        factors = estimate_curvature(
+            unwrapped,
+            tokenizer,
+            reference,
+            target_modules=target_modules,
+            text_column=text_column,
+            num_samples=num_samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            estimator=estimator,
+            dtype=dtype,
+            seed=seed,
+        )
+        if lock is not None:  # the process holding the lock writes: the only one, or the main one
+            save_curvature(factors, path)
+            logger.info("Curvature cache written to %s", path)
+    finally:
+        if lock is not None:
+            lock.release()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    elif _world_size() > 1:
+        torch.distributed.barrier()
+    return factors
+
+
+LOCK_POLL_SECONDS = 10.0
+_LOAD, _ESTIMATE, _WAIT, _ERROR = "load", "estimate", "wait", "error"
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _cache_action(path: str | os.PathLike, reference: Any, tokenizer: Any, lock: list, timeout: float) -> str:
+    """What the deciding process must do about the cache at ``path``: ``load`` it, ``estimate`` it (with the lock,
+    put in ``lock``, held) or ``wait`` (another process held the lock for ``timeout`` seconds; ``-1`` waits forever).
+    """
+    local = Path(path)
+    if local.is_dir() or (reference is None and not local.exists() and REPO_ID.match(str(path))):
+        return _LOAD
     if reference is None or tokenizer is None:
         raise ValueError(
             f"There is no curvature cache at {str(path)!r}: pass `reference` texts and a `tokenizer` to estimate one, "
             "or precompute it with `delta-trl curvature --output PATH`."
         )
-    check_output_dir(path, overwrite=False)  # fail on every process before the estimation, not after
-    factors = estimate_curvature(
-        unwrapped,
-        tokenizer,
-        reference,
-        target_modules=target_modules,
-        text_column=text_column,
-        num_samples=num_samples,
-        max_length=max_length,
-        batch_size=batch_size,
-        estimator=estimator,
-        dtype=dtype,
-        seed=seed,
-    )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    is_main = (
-        accelerator.is_main_process
-        if accelerator is not None
-        else (not distributed or torch.distributed.get_rank() == 0)
-    )
-    if is_main:
-        save_curvature(factors, path)
-        logger.info("Curvature cache written to %s", path)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    elif distributed:
-        torch.distributed.barrier()
-    return factors
+    check_output_dir(path, overwrite=False)  # a file at `path`: fail before the estimation, not after
+    if not lock:
+        lock.append(lock_for(local))
+    try:
+        lock[0].acquire(timeout=timeout)
+    except Timeout:
+        return _WAIT
+    if local.is_dir():  # written by the process that held the lock before us
+        lock[0].release()
+        return _LOAD
+    return _ESTIMATE
+
+
+def _decide_cache_action(path: str | os.PathLike, reference: Any, tokenizer: Any) -> tuple[str, Any]:
+    """``(action, lock)``: ``load`` the cache, or ``estimate`` it; the returned lock (held) is not ``None`` in the one
+    process that must write the cache.
+
+    One process: it takes the cache's file lock, waiting while another run holds it (that run is estimating; its cache
+    is then loaded). Several processes of one job (``torch.distributed``): rank 0 alone takes the lock and decides for
+    every rank, broadcasting its decision (errors included) every ``LOCK_POLL_SECONDS`` while it waits, so the other
+    ranks never wait on the lock, never meet a collective timeout, and all join the estimation's collectives together.
+    """
+    lock: list = []
+    if _world_size() == 1:
+        action = _cache_action(path, reference, tokenizer, lock, timeout=0)
+        if action == _WAIT:
+            logger.info("Another process is estimating the curvature cache %s; waiting for it to finish.", path)
+            action = _cache_action(path, reference, tokenizer, lock, timeout=-1)
+        return action, lock[0] if action == _ESTIMATE else None
+    deciding = torch.distributed.get_rank() == 0
+    while True:
+        message: list[Any] = [None]
+        error = None
+        if deciding:
+            try:
+                message = [(_cache_action(path, reference, tokenizer, lock, timeout=LOCK_POLL_SECONDS), None)]
+            except Exception as err:  # every rank must hear about it, or they would wait forever
+                message, error = [(_ERROR, f"{type(err).__name__}: {err}")], err
+        torch.distributed.broadcast_object_list(message, src=0)
+        action, detail = message[0]
+        if error is not None:
+            raise error
+        if action == _ERROR:
+            kind, _, text = detail.partition(": ")
+            raise (ValueError if kind == "ValueError" else RuntimeError)(f"On rank 0: {text}")
+        if action != _WAIT:
+            return action, lock[0] if deciding and action == _ESTIMATE else None
 
 
 TEXT_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}

@@ -40,7 +40,7 @@ from .curvature import (
     linear_base_layer,
     resolve_target_modules,
 )
-from .curvature_cache import weights_sha256
+from .fingerprint import FINGERPRINT_KEY, base_model_fingerprint
 from .linearize import hidden_states_of
 
 
@@ -347,7 +347,7 @@ def estimate_curvature(
             "name_or_path": getattr(config, "_name_or_path", "") or "",
             "revision": getattr(config, "_commit_hash", None),
             "model_type": getattr(config, "model_type", None),
-            "weights_sha256": weights_sha256(model, names),
+            FINGERPRINT_KEY: base_model_fingerprint(model),
         },
         "target_modules": names,
         "shapes": {name: [m.out_features, m.in_features] for name, m in modules.items()},

@@ -12,14 +12,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ._utils import sha256_file
+from ._utils import atomic_output_dir, lock_for, sha256_file
 
 
 logger = logging.getLogger(__name__)
@@ -77,53 +75,62 @@ def verify_embedded_model(folder: Path) -> None:
             raise ValueError(f"{path} does not match its checksum in {MANIFEST}: the file is truncated or altered.")
 
 
+def _verified(target: Path) -> bool:
+    """Whether ``target`` holds a complete conversion (a failed verification is logged: it will be rebuilt)."""
+    if not target.exists():
+        return False
+    try:
+        verify_embedded_model(target)
+        return True
+    except ValueError as err:
+        logger.warning("Rebuilding the embedded model cache: %s", err)
+        return False
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """Write the dequantized fp32 model, its tokenizer and the manifest of the weight files into ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-quantized models: rebuild a plain model from the dequantized weights.
+    config = source.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = EMBEDDED_MODEL_ID
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(source.state_dict())
+    model.tie_weights()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    files = _weight_files(folder)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
+        "model_id": EMBEDDED_MODEL_ID,
+        "sha256": {f.name: sha256_file(f) for f in files},
+        "sizes": {f.name: f.stat().st_size for f in files},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
 def prepare_embedded_model(cache_dir: str | os.PathLike | None = None, *, force: bool = False) -> Path:
     """Convert the packaged GGUF to an HF folder once and return its path (≈20 s, 517 MB, fp32).
 
     A folder that exists and verifies is reused. One that fails verification is reported and rebuilt (it is our
-    own cache, never user data). The conversion is written to a temporary sibling folder and renamed into place,
-    so an interrupted run never leaves a half-written model behind.
+    own cache, never user data). The conversion is written to a temporary sibling folder and renamed into place
+    (:func:`delta_trl._utils.atomic_output_dir`), so an interrupted run never leaves a half-written model behind.
+    Processes sharing the cache folder convert one at a time (a ``filelock`` on ``.<folder>.lock`` beside it): the
+    others wait, then reuse the folder the first one wrote.
     """
     target = embedded_model_dir(cache_dir)
-    if target.exists() and not force:
-        try:
-            verify_embedded_model(target)
+    if not force and _verified(target):
+        return target
+    with lock_for(target):
+        if not force and _verified(target):  # written by the process that held the lock
             return target
-        except ValueError as err:
-            logger.warning("Rebuilding the embedded model cache: %s", err)
-    gguf = _gguf_path()
-    logger.info("Converting %s to a Hugging Face folder at %s (once).", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses GGUF-quantized models: rebuild a plain model from the dequantized weights.
-        config = source.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.name_or_path = EMBEDDED_MODEL_ID
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(source.state_dict())
-        model.tie_weights()
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        files = _weight_files(staging)
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "source": f"{GGUF_PACKAGE}/{GGUF_FILE}",
-            "model_id": EMBEDDED_MODEL_ID,
-            "sha256": {f.name: sha256_file(f) for f in files},
-            "sizes": {f.name: f.stat().st_size for f in files},
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        gguf = _gguf_path()
+        logger.info("Converting %s to a Hugging Face folder at %s (once).", gguf.name, target)
+        with atomic_output_dir(target, overwrite=True) as staging:
+            _convert(gguf, staging)
     return target
 
 

@@ -1,4 +1,4 @@
-"""DELTA's loss terms as pure functions (METHOD.md §3). Every term of the objective is defined in this module.
+"""DELTA's loss terms as pure functions (docs/METHOD.md §3). Every term of the objective is defined in this module.
 
 Normalisation convention: token-level terms are ``sum over supervised positions / num_items``. When the Trainer
 passes ``num_items_in_batch`` (the supervised-token count of the whole optimizer step, over gradient-accumulation
@@ -103,7 +103,7 @@ def hidden_distillation_loss(
     *,
     num_items: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Along-path distillation ``L_KD = Σ_{t ∈ mask} ‖h_S,t − sg(h_T,t)‖²₂ / N`` (METHOD.md §3.4).
+    """Along-path distillation ``L_KD = Σ_{t ∈ mask} ‖h_S,t − sg(h_T,t)‖²₂ / N`` (docs/METHOD.md §3.4).
 
     Squared L2 summed over the hidden dimension, averaged over supervised positions (``N = num_items`` if given,
     else ``mask.sum()``). The teacher is detached: it receives no gradient from this term. Shapes: hidden
@@ -125,7 +125,7 @@ def delta_objective(
     teacher_loss_weight: float = 1.0,
     curvature_weight: float = 0.0,
 ) -> torch.Tensor:
-    """``L = L_S + γ·L_KD + β_T·L_T + λ·(R(τ_S) + R(τ_T))`` (METHOD.md §3.6); absent terms count as 0.
+    """``L = L_S + γ·L_KD + β_T·L_T + λ·(R(τ_S) + R(τ_T))`` (docs/METHOD.md §3.6); absent terms count as 0.
 
     ``curvature_penalty`` is the already-summed ``R(τ_S) + R(τ_T)`` (or ``R(τ_S)`` alone in ``curvature_only``).
     """

@@ -17,7 +17,11 @@ dense ``ΔW_t`` and are written either folded or re-factored to rank ``Σ_t r_t`
 reported in ``merge_report.json``.
 
 Everything is validated by :func:`_check_merge_inputs` before anything is written, and the output folder appears
-atomically (:func:`delta_trl._utils.atomic_output_dir`).
+atomically (:func:`delta_trl._utils.atomic_output_dir`). The base model is identified by the content hash each adapter
+records in ``delta_trl.json`` (``base_model_sha256``, :func:`delta_trl.fingerprint.base_model_fingerprint`); names
+are for display. Adapters trained in ``linear`` mode (``"evaluate_linearized": true``) act through the linearized
+model ``f(θ0) + J·τ``: their merged adapter keeps the marker, and they can be neither folded into the weights nor
+mixed with ordinary adapters.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from safetensors.torch import save_file
 
 from ._utils import atomic_output_dir, check_output_dir, write_json
 from .adapter_io import LoadedAdapter, load_adapter, load_base_model
+from .fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
 from .merge_methods import MergeMethod, check_density, combine_with_method, low_rank_factors
 
 
 MERGE_REPORT = "merge_report.json"
+DELTA_METADATA = "delta_trl.json"
+LINEARIZED_KEY = "evaluate_linearized"
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class MergePlan:
     base_model: torch.nn.Module | None
     modules: list[str]
     seed: int
+    evaluate_linearized: bool = False
+    base_model_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,10 +90,12 @@ def _check_merge_inputs(
     """Load and validate every input of a merge; raise ``ValueError``/``FileNotFoundError`` on the first problem.
 
     Checks: at least one adapter; one finite coefficient per adapter; a known method and ``0 < density <= 1``;
-    every adapter a vanilla (rs)LoRA on linear layers (see :func:`delta_trl.adapter_io.load_adapter`); the same
-    ``base_model_name_or_path``, ``fan_in_fan_out`` and target modules with the same shapes across adapters; the base
-    model (needed for ``fold_into_base``) has every target weight with a matching shape; the output folder does not
-    exist (unless ``overwrite``) and is not one of the input folders.
+    every adapter a vanilla (rs)LoRA on linear layers (see :func:`delta_trl.adapter_io.load_adapter`); one training
+    mode (all ``linear``/linearized or none, see :func:`_check_linearized`); one base model, by the recorded
+    ``base_model_sha256`` (:func:`_recorded_fingerprint`; by ``base_model_name_or_path`` for adapters that record no
+    hash); the same ``fan_in_fan_out`` and target modules with the same shapes across adapters; the base model (needed
+    for ``fold_into_base``) has every target weight with a matching shape and, when the adapters record a hash, that
+    content hash; the output folder does not exist (unless ``overwrite``) and is not one of the input folders.
     """
     if not adapters:
         raise ValueError("Give at least one adapter to merge.")
@@ -103,19 +114,25 @@ def _check_merge_inputs(
     if bad:
         raise ValueError(f"Coefficients must be finite numbers; got {coefficients}.")
     loaded = [a if isinstance(a, LoadedAdapter) else load_adapter(a) for a in adapters]
+    linearized = _check_linearized(loaded, fold_into_base)
+    fingerprint = _recorded_fingerprint(loaded)
+    every_hash = all(a.metadata.get(FINGERPRINT_KEY) for a in loaded)
     first = loaded[0]
     for other in loaded[1:]:
-        _check_compatible(first, other)
+        _check_compatible(first, other, compare_names=not every_hash)
     output_dir = check_output_dir(output_dir, overwrite)
     for adapter in loaded:
         if adapter.path.resolve() == output_dir.resolve():
             raise ValueError(f"The output folder {str(output_dir)!r} is one of the input adapters; choose another.")
     if isinstance(base_model, str | os.PathLike):
-        base_model = load_base_model(base_model)
+        dtypes = {a.metadata.get(DTYPE_KEY) for a in loaded}
+        base_model = load_base_model(base_model, dtype=dtypes.pop() if len(dtypes) == 1 else None)
     if fold_into_base and base_model is None:
         raise ValueError("fold_into_base=True needs the base model (a model instance or a folder / hub id).")
     if base_model is not None:
         _check_base_shapes(base_model, first)
+        if fingerprint is not None:
+            _check_base_fingerprint(base_model, fingerprint, first)
     return MergePlan(
         adapters=loaded,
         coefficients=coefficients,
@@ -127,13 +144,76 @@ def _check_merge_inputs(
         base_model=base_model,
         modules=sorted(first.modules),
         seed=seed,
+        evaluate_linearized=linearized,
+        base_model_sha256=fingerprint if every_hash else None,
     )
 
 
-def _check_compatible(first: LoadedAdapter, other: LoadedAdapter) -> None:
-    """Raise unless ``other`` targets the same base model, modules and shapes as ``first``."""
+def is_linearized(adapter: LoadedAdapter) -> bool:
+    """Whether the adapter's ``delta_trl.json`` says ``"evaluate_linearized": true`` (trained in ``linear`` mode)."""
+    return bool(adapter.metadata.get(LINEARIZED_KEY, False))
+
+
+def _check_linearized(adapters: Sequence[LoadedAdapter], fold_into_base: bool) -> bool:
+    """Whether all adapters are linearized; raise if only some are, or if linearized ones are to be folded.
+
+    A linearized task vector acts through ``f(θ0) + J·τ``; an ordinary one through ``f(θ0 + τ)``. A sum of both kinds
+    is neither model, and weights ``θ0 + τ`` folded into a checkpoint can only be evaluated as ``f(θ0 + τ)``.
+    """
+    flags = {a.source: is_linearized(a) for a in adapters}
+    if len(set(flags.values())) > 1:
+        linear = [s for s, f in flags.items() if f]
+        plain = [s for s, f in flags.items() if not f]
+        raise ValueError(
+            f"Cannot merge adapters evaluated linearized (`linear` mode: {linear}) with ordinary ones ({plain}): "
+            "f(θ0) + J·τ1 plus f(θ0 + τ2) is neither model. Merge adapters of one training mode."
+        )
+    linearized = next(iter(flags.values()))
+    if linearized and fold_into_base:
+        raise ValueError(
+            f"The adapters {list(flags)} were trained in `linear` mode and are evaluated as f(θ0) + J·τ, which folded "
+            "weights θ0 + τ cannot express. Write a merged adapter instead (no fold_into_base / --fold-into-base); "
+            "it keeps the evaluate_linearized marker."
+        )
+    return linearized
+
+
+def _recorded_fingerprint(adapters: Sequence[LoadedAdapter]) -> str | None:
+    """The ``base_model_sha256`` the adapters record (``None`` if none does); raise if two record different ones."""
+    recorded = [(a.source, a.metadata[FINGERPRINT_KEY]) for a in adapters if a.metadata.get(FINGERPRINT_KEY)]
+    if not recorded:
+        return None
+    source, value = recorded[0]
+    other = next(((s, v) for s, v in recorded if v != value), None)
+    if other is not None:
+        raise ValueError(
+            f"The adapters were trained on different base models: {source!r} records base_model_sha256 "
+            f"{value[:12]}… and {other[0]!r} {other[1][:12]}… (a content hash of all θ0 weights). Task vectors only "
+            "add up on the same θ0; retrain one of them on the other's base model."
+        )
+    return value
+
+
+def _check_base_fingerprint(model: torch.nn.Module, recorded: str, adapter: LoadedAdapter) -> None:
+    """Raise unless the base model's content hash is the one the adapters were trained on."""
+    actual = base_model_fingerprint(model)
+    if actual != recorded:
+        trained = adapter.metadata.get(DTYPE_KEY)
+        dtype = f" in {base_model_dtype(model)}" + (f", trained in {trained}" if trained else "")
+        raise ValueError(
+            f"The base model is not the one the adapters were trained on: the sha256 of all its weights{dtype} is "
+            f"{actual[:12]}…, the adapters record {recorded[:12]}… ({adapter.config.base_model_name_or_path!r}). "
+            "Load the checkpoint, revision and dtype used for training."
+        )
+
+
+def _check_compatible(first: LoadedAdapter, other: LoadedAdapter, compare_names: bool = True) -> None:
+    """Raise unless ``other`` targets the same modules and shapes as ``first`` (and, by name, base model).
+
+    ``compare_names=False`` when the adapters record their base model's content hash, which was compared already.
+    """
     base_a, base_b = first.config.base_model_name_or_path, other.config.base_model_name_or_path
-    if base_a != base_b:
+    if compare_names and base_a != base_b:
         raise ValueError(
             f"The adapters were trained on different base models: {first.source!r} on {base_a!r} and "
             f"{other.source!r} on {base_b!r}. Task vectors only add up on the same θ0; if these are the same model "
@@ -349,6 +429,8 @@ def _write_merge(plan: MergePlan) -> MergeResult:
             for a, c in zip(plan.adapters, plan.coefficients, strict=True)
         ],
         "output": "model" if plan.fold_into_base else "adapter",
+        FINGERPRINT_KEY: plan.base_model_sha256,
+        LINEARIZED_KEY: plan.evaluate_linearized,
     }
     if plan.method is not MergeMethod.TASK_ARITHMETIC:
         report["density"] = plan.density
@@ -397,3 +479,22 @@ def _write_adapter(plan: MergePlan, report: dict[str, Any]) -> None:
         save_file(state, tmp / "adapter_model.safetensors", {"format": "pt"})
         config.save_pretrained(tmp)
         write_json(tmp / MERGE_REPORT, report)
+        write_json(tmp / DELTA_METADATA, merged_metadata(plan))
+
+
+def merged_metadata(plan: MergePlan) -> dict[str, Any]:
+    """The merged adapter's ``delta_trl.json``: what evaluation and further merges read from an adapter.
+
+    ``evaluate_linearized`` (all inputs are linearized), ``base_model_sha256`` (when every input records it) and
+    ``delta_mode`` (when every input records the same one), plus the merge method and the delta_trl version.
+    """
+    from . import __version__
+
+    modes = {a.metadata.get("delta_mode") for a in plan.adapters}
+    metadata: dict[str, Any] = {"delta_trl_version": __version__, "merge_method": plan.method.value}
+    if len(modes) == 1 and None not in modes:
+        metadata["delta_mode"] = modes.pop()
+    metadata[LINEARIZED_KEY] = plan.evaluate_linearized
+    if plan.base_model_sha256 is not None:
+        metadata[FINGERPRINT_KEY] = plan.base_model_sha256
+    return metadata

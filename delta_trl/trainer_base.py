@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import __version__
-from ._utils import atomic_write
+from ._utils import apply_umask, atomic_write
 from .adapters import (
     activate_student_and_teacher,
     add_teacher_adapter,
@@ -34,6 +34,7 @@ from .adapters import (
 from .configs import MODES_WITH_JVP, MODES_WITH_TEACHER, DeltaArguments
 from .curvature import curvature_penalty
 from .curvature_cache import load_or_estimate_curvature, load_text_dataset
+from .fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
 from .linearize import check_hidden_layers, check_input_embeddings_frozen, check_jvp_support
 from .losses import sample_alpha
 
@@ -121,6 +122,11 @@ class DeltaTrainerMixin:
         if not hasattr(self, "_metrics"):  # TRL trainers already keep one
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         unwrapped = self.accelerator.unwrap_model(self.model)
+        # θ0's identity for merges and folds, taken before DeepSpeed or mixed precision can cast the weights
+        self._base_identity = {
+            FINGERPRINT_KEY: base_model_fingerprint(unwrapped),
+            DTYPE_KEY: base_model_dtype(unwrapped),
+        }
         self._student_name = unwrapped.active_adapter
         self._teacher_name = args.teacher_adapter_name if args.delta_mode in MODES_WITH_TEACHER else None
         # The JVP needs forward-mode AD through every layer, and the curvature penalty reads the LoRA weights whole.
@@ -273,6 +279,7 @@ class DeltaTrainerMixin:
             "delta_trl_version": __version__,
             "adapter_name": self._student_name,
             "evaluate_linearized": self.args.delta_mode == "linear",
+            **self._base_identity,
             **{f.name: getattr(self.args, f.name) for f in dataclasses.fields(DeltaArguments)},
         }
         # beside adapter_config.json: PEFT writes an adapter not named "default" into a sub-folder of that name
@@ -280,6 +287,7 @@ class DeltaTrainerMixin:
         atomic_write(
             adapter_folder / DELTA_MARKER_NAME, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2))
         )
+        apply_umask(adapter_folder)  # safetensors writes 0600 whatever the user's umask
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; when resuming, the teacher adapter's weights are restored from the checkpoint first."""

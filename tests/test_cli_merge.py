@@ -10,7 +10,9 @@ from conftest import make_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
+from delta_trl.adapter_io import load_adapter
 from delta_trl.cli import main
+from delta_trl.fingerprint import base_model_fingerprint
 
 
 @pytest.fixture
@@ -50,10 +52,39 @@ def test_merge_command_writes_loadable_adapter(workspace, capsys):
 
 
 def test_merge_command_folds_into_recorded_base(workspace):
+    """The base is loaded from adapter_config's base_model_name_or_path; W = θ0 + 2·s·B·A on every target."""
     out = workspace / "folded"
-    code = main(["merge", str(workspace / "x"), "--fold-into-base", "--output", str(out)])
+    code = main(["merge", str(workspace / "x"), "-c", "2", "--fold-into-base", "--output", str(out)])
     assert code == 0
-    assert (out / "config.json").is_file()
+    theta0 = LlamaForCausalLM.from_pretrained(workspace / "base").state_dict()
+    folded = LlamaForCausalLM.from_pretrained(out).state_dict()
+    deltas = {
+        k.removeprefix("base_model.model.") + ".weight": v
+        for k, v in load_adapter(workspace / "x").task_vector().items()
+    }
+    assert len(deltas) == 4
+    for key, value in folded.items():
+        torch.testing.assert_close(value, theta0[key] + 2.0 * deltas.get(key, 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_command_refuses_to_fold_linear_adapters_or_another_base(workspace, capsys):
+    fingerprint = base_model_fingerprint(LlamaForCausalLM.from_pretrained(workspace / "base"))
+    marker = {"delta_mode": "linear", "evaluate_linearized": True, "base_model_sha256": fingerprint}
+    (workspace / "x" / "delta_trl.json").write_text(json.dumps(marker))
+    out = workspace / "folded"
+    assert main(["merge", str(workspace / "x"), "--fold-into-base", "--output", str(out)]) == 2
+    assert "trained in `linear` mode" in capsys.readouterr().err
+    assert not out.exists()
+
+    marker["evaluate_linearized"], marker["delta_mode"] = False, "delta"
+    (workspace / "x" / "delta_trl.json").write_text(json.dumps(marker))
+    other = make_llama(seed=5)
+    other.save_pretrained(workspace / "other")
+    code = main(["merge", str(workspace / "x"), "--fold-into-base", "--base-model", str(workspace / "other"), "-o", str(out)])  # fmt: skip
+    assert code == 2
+    assert "not the one the adapters were trained on" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["merge", str(workspace / "x"), "--fold-into-base", "--output", str(out)]) == 0  # the recorded base
 
 
 def test_merge_command_reports_bad_input(workspace, capsys):

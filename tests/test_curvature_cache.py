@@ -17,6 +17,7 @@ from huggingface_hub import HfApi
 from peft import LoraConfig, get_peft_model
 from torch.testing import assert_close
 
+import delta_trl
 from delta_trl._utils import sha256_file
 from delta_trl.cli import main as cli_main
 from delta_trl.curvature import CurvatureFactors, LayerCurvature
@@ -26,7 +27,8 @@ from delta_trl.curvature_cache import (
     push_curvature_to_hub,
     save_curvature,
 )
-from delta_trl.curvature_estimation import estimate_curvature
+from delta_trl.curvature_estimation import estimate_curvature, texts_fingerprint
+from delta_trl.fingerprint import base_model_fingerprint
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,17 +60,23 @@ def leftovers(folder: Path) -> list[str]:
 def test_round_trip_and_metadata(factors, tmp_path):
     path = save_curvature(factors, tmp_path / "curv")
     meta = json.loads((path / "curvature.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert meta["estimator"] == "ekfac"
     assert meta["num_samples"] == len(TEXTS)
+    assert meta["num_tokens"] == sum(min(8, len(ids)) for ids in make_tokenizer(300)(TEXTS)["input_ids"])
     assert meta["max_length"] == 8
     assert meta["dtype"] == "float32"
-    assert len(meta["base_model"]["weights_sha256"]) == 64
-    assert len(meta["reference"]["texts_sha256"]) == 64
-    assert len(meta["tensor_file"]["sha256"]) == 64
-    assert meta["target_modules"] == factors.module_names
-    assert len(meta["target_modules"]) == 4
-    assert "delta_trl_version" in meta
+    assert meta["base_model"]["base_model_sha256"] == base_model_fingerprint(make_llama())
+    assert meta["reference"]["texts_sha256"] == texts_fingerprint(TEXTS)
+    assert meta["tensor_file"] == {
+        "name": "curvature.safetensors",
+        "bytes": (path / "curvature.safetensors").stat().st_size,
+        "sha256": sha256_file(path / "curvature.safetensors"),
+    }
+    assert meta["target_modules"] == [
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")
+    ]
+    assert meta["delta_trl_version"] == delta_trl.__version__
     loaded = load_curvature(path, model=lora_model())
     assert loaded.module_names == factors.module_names
     for name, layer in factors.layers.items():
@@ -100,13 +108,25 @@ def test_refuses_other_model_and_other_target_modules(factors, tmp_path):
     path = save_curvature(factors, tmp_path / "curv")
     with pytest.raises(ValueError, match="estimated on another model"):
         load_curvature(path, model=lora_model(seed=1))
+    # same q/v weights, another MLP: the GGN of q/v differs, so the cache must not be used (the old hash of the target
+    # modules alone accepted it)
+    other = lora_model()
+    with torch.no_grad():
+        other.base_model.model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="estimated on another model"):
+        load_curvature(path, model=other)
+    # the same weights in bf16 compute other numbers
+    with pytest.raises(ValueError, match="estimated on another model"):
+        load_curvature(path, model=lora_model().to(torch.bfloat16))
     with pytest.raises(ValueError, match=r"other target modules.*k_proj"):
         load_curvature(path, model=lora_model(["k_proj"]))
     with pytest.raises(ValueError, match=r"no factors for the target modules \['o_proj'\]"):
         load_curvature(path, target_modules=["q_proj", "o_proj"])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "format_version", "bad_json", "missing_tensors"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip_byte", "format_version", "old_fingerprint", "bad_json", "missing_tensors"]
+)
 def test_refuses_corrupt_cache(factors, tmp_path, damage):
     path = save_curvature(factors, tmp_path / "curv")
     tensor_file, meta_file = path / "curvature.safetensors", path / "curvature.json"
@@ -123,6 +143,12 @@ def test_refuses_corrupt_cache(factors, tmp_path, damage):
         meta["format_version"] = 99
         meta_file.write_text(json.dumps(meta))
         match = "format version 99"
+    elif damage == "old_fingerprint":  # a version-1 cache identified the model by its target modules only
+        meta = json.loads(meta_file.read_text())
+        meta["format_version"] = 1
+        meta["base_model"]["weights_sha256"] = meta["base_model"].pop("base_model_sha256")
+        meta_file.write_text(json.dumps(meta))
+        match = r"format version 1 \(it identifies the base model by its target modules only\).*Re-estimate"
     elif damage == "bad_json":
         meta_file.write_text(meta_file.read_text()[:50])
         match = "not valid JSON"

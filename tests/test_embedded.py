@@ -1,6 +1,9 @@
 """The embedded SmolLM2: conversion cache verification, and the real model itself (prepared by scripts/setup.sh)."""
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,9 @@ from delta_trl._utils import sha256_file
 from delta_trl.embedded import load_model_and_tokenizer, verify_embedded_model
 
 
-def _fake_conversion(folder):
-    folder.mkdir()
+def _fake_conversion(folder, create=True):
+    if create:
+        folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"0123456789")
     manifest = {
         "version": embedded.MANIFEST_VERSION,
@@ -38,6 +42,38 @@ def test_verification_detects_truncated_altered_and_incomplete_folders(tmp_path)
     (folder / embedded.MANIFEST).unlink()
     with pytest.raises(ValueError, match="not a complete"):
         verify_embedded_model(folder)
+
+
+def test_missing_or_broken_conversion_is_rebuilt_atomically(tmp_path, monkeypatch):
+    """Converted once, reused while it verifies, rebuilt in place (no leftovers) when altered; modes follow umask."""
+    calls = []
+
+    def fake_convert(gguf, folder):
+        calls.append(gguf.name)
+        _fake_conversion(folder, create=False)
+
+    monkeypatch.setattr(embedded, "_gguf_path", lambda: Path("/nowhere/fake.gguf"))
+    monkeypatch.setattr(embedded, "_convert", fake_convert)
+    old_mask = os.umask(0o027)
+    try:
+        target = embedded.prepare_embedded_model(tmp_path)
+    finally:
+        os.umask(old_mask)
+    assert target == tmp_path / "smollm2-135m-instruct"
+    assert calls == ["fake.gguf"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o640
+    assert embedded.prepare_embedded_model(tmp_path) == target
+    assert calls == ["fake.gguf"]
+    (target / "model.safetensors").write_bytes(b"0123456780")
+    assert embedded.prepare_embedded_model(tmp_path) == target
+    assert calls == ["fake.gguf", "fake.gguf"]
+    verify_embedded_model(target)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".smollm2-135m-instruct.lock") == [
+        "smollm2-135m-instruct"
+    ]
+    embedded.prepare_embedded_model(tmp_path, force=True)
+    assert len(calls) == 3
 
 
 def test_a_local_folder_loads_like_a_hub_id(tmp_path):

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from delta_trl.adapter_io import load_adapter
+from delta_trl.fingerprint import base_model_fingerprint
+from delta_trl.merge_methods import MergeMethod, combine_with_method
 from delta_trl.merging import _check_merge_inputs, fold_into_model, merge_adapters
 
 
@@ -150,6 +152,15 @@ def _edit_config(folder, **changes):
     path.write_text(json.dumps(config))
 
 
+def mark(folder, **metadata):
+    """Write the trainer's delta_trl.json beside adapter_config.json."""
+    (folder / "delta_trl.json").write_text(json.dumps(metadata))
+    return folder
+
+
+LINEAR = {"delta_mode": "linear", "evaluate_linearized": True}
+
+
 @pytest.mark.parametrize(
     ("case", "error", "match"),
     [
@@ -166,6 +177,11 @@ def _edit_config(folder, **changes):
         ("modules_to_save", ValueError, "more than LoRA"),
         ("embedding", ValueError, "other than linear LoRA"),
         ("no_weights", FileNotFoundError, "no adapter_model"),
+        ("mixed_modes", ValueError, "Cannot merge adapters evaluated linearized"),
+        ("fold_linear", ValueError, "trained in `linear` mode"),
+        ("other_base_hash", ValueError, "different base models.*base_model_sha256"),
+        ("fold_other_base", ValueError, "not the one the adapters were trained on"),
+        ("shape_check_other_base", ValueError, "not the one the adapters were trained on"),
     ],
 )
 def test_bad_inputs_raise_and_write_nothing(two_adapters, tmp_path, case, error, match):
@@ -208,6 +224,23 @@ def test_bad_inputs_raise_and_write_nothing(two_adapters, tmp_path, case, error,
         adapters = [save_adapter(tmp_path / "c", config, 3), save_adapter(tmp_path / "d", config, 4)]
     elif case == "no_weights":
         (b / "adapter_model.safetensors").unlink()
+    elif case == "mixed_modes":
+        mark(a, **LINEAR)
+        mark(b, delta_mode="delta", evaluate_linearized=False)
+    elif case == "fold_linear":
+        mark(a, **LINEAR)
+        mark(b, **LINEAR)
+        kwargs = {"fold_into_base": True, "base_model": make_llama()}
+    elif case == "other_base_hash":  # same name and shapes, other weights
+        mark(a, base_model_sha256=base_model_fingerprint(make_llama()))
+        mark(b, base_model_sha256=base_model_fingerprint(make_llama(seed=1)))
+    elif case in ("fold_other_base", "shape_check_other_base"):
+        for folder in (a, b):
+            mark(folder, base_model_sha256=base_model_fingerprint(make_llama()))
+        other = make_llama()
+        with torch.no_grad():
+            other.model.norm.weight[0] = 2.0  # not a LoRA target: only the content hash sees it
+        kwargs = {"base_model": other, "fold_into_base": case == "fold_other_base"}
     with pytest.raises(error, match=match):
         merge_adapters(adapters, coefficients, tmp_path / "out", **kwargs)
     assert no_partial_output(tmp_path, "out")
@@ -240,21 +273,97 @@ def test_non_finite_result_writes_nothing(two_adapters, tmp_path, fold):
 
 
 def test_check_returns_plan_without_writing(two_adapters, tmp_path):
-    plan = _check_merge_inputs(list(two_adapters), [0.5, 2.0], tmp_path / "out")
-    assert plan.coefficients == [0.5, 2.0]
-    assert len(plan.modules) == 4
+    plan = _check_merge_inputs(list(two_adapters), None, tmp_path / "out")
+    assert plan.coefficients == [1.0, 1.0]
+    assert plan.modules == [
+        f"base_model.model.model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")
+    ]
+    assert (plan.evaluate_linearized, plan.base_model_sha256) == (False, None)
     assert not (tmp_path / "out").exists()
+
+
+def test_linear_adapters_merge_into_a_linearized_adapter(two_adapters, tmp_path):
+    """The merged adapter keeps `evaluate_linearized` and the base hash, so evaluation linearizes the sum."""
+    from delta_trl.evaluation import load_task_adapters
+
+    a, b = two_adapters
+    fingerprint = base_model_fingerprint(make_llama())
+    for folder in (a, b):
+        mark(folder, **LINEAR, base_model_sha256=fingerprint)
+    for method in ("task_arithmetic", "ties"):
+        density = 1.0 if method == "task_arithmetic" else 0.5
+        result = merge_adapters([a, b], [0.5, 0.5], tmp_path / method, method=method, density=density)
+        metadata = json.loads((result.output_dir / "delta_trl.json").read_text())
+        assert metadata["evaluate_linearized"] is True
+        assert metadata["base_model_sha256"] == fingerprint
+        assert metadata["delta_mode"] == "linear"
+        assert metadata["merge_method"] == method
+        assert result.report["base_model_sha256"] == fingerprint
+        _, linearized = load_task_adapters(make_llama(), {"merged": result.output_dir})
+        assert linearized is True
+    # merged linear adapters merge again (their marker is read back), and still refuse to be folded
+    again = merge_adapters([tmp_path / "task_arithmetic", a], [1.0, -0.5], tmp_path / "again")
+    assert json.loads((again.output_dir / "delta_trl.json").read_text())["evaluate_linearized"] is True
+    with pytest.raises(ValueError, match="trained in `linear` mode"):
+        merge_adapters(
+            [tmp_path / "task_arithmetic"], [1.0], tmp_path / "f", fold_into_base=True, base_model=make_llama()
+        )
+
+
+def test_ordinary_merge_records_no_linearization_and_only_a_common_hash(two_adapters, tmp_path):
+    a, b = two_adapters
+    mark(a, delta_mode="delta", evaluate_linearized=False, base_model_sha256=base_model_fingerprint(make_llama()))
+    result = merge_adapters([a, b], None, tmp_path / "m")  # b records no hash: none is claimed for the sum
+    assert json.loads((result.output_dir / "delta_trl.json").read_text()) == {
+        "delta_trl_version": __import__("delta_trl").__version__,
+        "merge_method": "task_arithmetic",
+        "evaluate_linearized": False,
+    }
+
+
+def test_recorded_hash_not_name_identifies_the_base(two_adapters, tmp_path):
+    """Equal content hashes merge even when the recorded names differ (a hub id and a local copy of it)."""
+    a, b = two_adapters
+    _edit_config(b, base_model_name_or_path="/local/copy/of/the/model")
+    fingerprint = base_model_fingerprint(make_llama())
+    for folder in (a, b):
+        mark(folder, base_model_sha256=fingerprint)
+    result = merge_adapters([a, b], [1.0, 1.0], tmp_path / "m", fold_into_base=True, base_model=make_llama())
+    assert result.report["base_model_sha256"] == fingerprint
+    folded = LlamaForCausalLM.from_pretrained(result.output_dir).state_dict()
+    key = "model.layers.1.self_attn.v_proj.weight"
+    expected = make_llama().state_dict()[key].double() + explicit_deltas(a, PLAIN)[key] + explicit_deltas(b, RS)[key]
+    torch.testing.assert_close(folded[key].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare"])
 def test_baselines_write_refactored_adapter_with_error(two_adapters, tmp_path, method):
-    result = merge_adapters(list(two_adapters), [1.0, 1.0], tmp_path / method, method=method, density=0.5)
+    """The written adapter is the best rank-(r1 + r2) approximation of the dense merge; the reported error is the
+    Eckart–Young tail √(Σ_{i>r} σ_i²) / √(Σ σ_i²) of that dense merge, recomputed here from the inputs."""
+    a, b = two_adapters
+    result = merge_adapters([a, b], [1.0, 0.5], tmp_path / method, method=method, density=0.5, seed=3)
     errors = result.report["svd_relative_error"]
-    assert 0.0 < errors["max"] < 1.0
-    assert set(errors["per_module"]) == set(result.report["ranks"])
+    adapters = [load_adapter(a), load_adapter(b)]
+    generator = torch.Generator().manual_seed(3)  # the masks are drawn per module in sorted module order
     merged = PeftModel.from_pretrained(make_llama(), result.output_dir)
-    ids = torch.randint(2, 300, (1, 5))
-    assert torch.isfinite(merged(input_ids=ids).logits).all()
+    layers = dict(merged.named_modules())
+    for name in sorted(adapters[0].modules):
+        dense = combine_with_method(
+            [x.modules[name].delta() for x in adapters],
+            [1.0, 0.5],
+            MergeMethod(method),
+            density=0.5,
+            generator=generator,
+        ).double()
+        rank = result.report["ranks"][name]
+        assert rank == adapters[0].modules[name].rank + adapters[1].modules[name].rank
+        sigma = torch.linalg.svdvals(dense)
+        tail = float(sigma[rank:].square().sum().sqrt() / sigma.square().sum().sqrt())
+        assert errors["per_module"][name] == pytest.approx(tail, rel=1e-4, abs=1e-7)
+        written = layers[name].get_delta_weight("default").double()
+        assert float((dense - written).norm() / dense.norm()) == pytest.approx(tail, rel=1e-4, abs=1e-6)
+    assert errors["max"] == max(errors["per_module"].values())
+    assert errors["max"] > 0.01  # density 0.5 makes each 32 x 32 ΔW far from low rank
 
 
 def test_task_vector_algebra(two_adapters, tmp_path):
@@ -268,8 +377,13 @@ def test_task_vector_algebra(two_adapters, tmp_path):
         expected[k] = expected[k] - 1.3 * v
     for name, delta in combo.deltas.items():
         torch.testing.assert_close(delta.double(), expected[name.removeprefix("base_model.model.") + ".weight"])
-    assert ta.dot(ta) == pytest.approx(ta.norm() ** 2)
-    assert ta.cosine(ta) == pytest.approx(1.0)
+    ea, eb = explicit_deltas(a, PLAIN), explicit_deltas(b, RS)
+    dot = sum(float((ea[k] * eb[k]).sum()) for k in ea)
+    norm_a = math.sqrt(sum(float(v.square().sum()) for v in ea.values()))
+    norm_b = math.sqrt(sum(float(v.square().sum()) for v in eb.values()))
+    assert ta.dot(tb) == pytest.approx(dot, rel=1e-5)
+    assert ta.norm() == pytest.approx(norm_a, rel=1e-6)
+    assert ta.cosine(tb) == pytest.approx(dot / (norm_a * norm_b), rel=1e-5)
 
     folded = merge_adapters([a, b], [0.7, -1.3], tmp_path / "folded", fold_into_base=True, base_model=make_llama())
     model = combo.apply_to(make_llama())
@@ -311,3 +425,55 @@ def test_t5_merged_adapter_matches_folded_model(tmp_path):
         torch.testing.assert_close(
             merged(input_ids=ids, labels=labels).logits, reference(input_ids=ids, labels=labels).logits
         )
+
+
+def test_task_vector_keeps_linearization_and_base_hash(two_adapters):
+    from delta_trl.task_vector import TaskVector
+
+    a, b = two_adapters
+    fingerprint = base_model_fingerprint(make_llama())
+    mark(a, **LINEAR, base_model_sha256=fingerprint)
+    ta, tb = TaskVector.from_adapter(a), TaskVector.from_adapter(b)
+    assert (ta.evaluate_linearized, ta.base_model_sha256) == (True, fingerprint)
+    with pytest.raises(ValueError, match="linearized task vector"):
+        ta + tb
+    double = ta + ta
+    assert (double.evaluate_linearized, double.base_model_sha256) == (True, fingerprint)
+    model = make_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="`linear` mode"):
+        (2.0 * ta).apply_to(model)
+
+    mark(a, base_model_sha256=fingerprint)
+    mark(b, base_model_sha256=base_model_fingerprint(make_llama(seed=1)))
+    ta, tb = TaskVector.from_adapter(a), TaskVector.from_adapter(b)
+    with pytest.raises(ValueError, match="different base models"):
+        ta - tb
+    with pytest.raises(ValueError, match="not the base model"):
+        tb.apply_to(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert ta.apply_to(model) is model  # the recorded base: folded
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"]
+    )
+
+
+def test_base_from_a_folder_is_loaded_in_the_recorded_dtype(two_adapters, tmp_path):
+    """An fp32 checkpoint trained on in bf16: the adapters record the bf16 hash and dtype, so the fold loads bf16."""
+    from delta_trl.fingerprint import base_model_dtype
+
+    a, b = two_adapters
+    make_llama().save_pretrained(tmp_path / "base")
+    trained_on = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    assert base_model_dtype(trained_on) == "bfloat16"
+    assert base_model_dtype(make_llama()) == "float32"
+    for folder in (a, b):
+        mark(folder, base_model_sha256=base_model_fingerprint(trained_on), base_model_dtype="bfloat16")
+    result = merge_adapters([a, b], None, tmp_path / "m", fold_into_base=True, base_model=str(tmp_path / "base"))
+    folded = LlamaForCausalLM.from_pretrained(result.output_dir, dtype="auto")
+    assert folded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    for folder in (a, b):  # without the recorded dtype the default (fp32) load is another θ0
+        mark(folder, base_model_sha256=base_model_fingerprint(trained_on))
+    with pytest.raises(ValueError, match=r"all its weights in float32 is"):
+        merge_adapters([a, b], None, tmp_path / "m2", fold_into_base=True, base_model=str(tmp_path / "base"))

@@ -194,3 +194,38 @@ def test_dpo_options_the_delta_loss_does_not_implement_are_refused(tmp_path):
         with pytest.raises(ValueError, match=message):
             config(**kwargs)
         assert config(delta_mode="nonlinear", **kwargs).delta_mode == "nonlinear"
+
+
+def test_saved_marker_identifies_the_base_by_content_and_files_honour_the_umask(tiny_tokenizer, tmp_path):
+    """Two runs on bases that differ in one untargeted weight: their adapters cannot be merged, only folded into
+    their own base."""
+    import json
+    import os
+
+    from delta_trl.fingerprint import base_model_fingerprint
+    from delta_trl.merging import merge_adapters
+
+    folders = {}
+    previous = os.umask(0o027)
+    try:
+        for name, seed in (("a", 0), ("b", 0), ("other", 0)):
+            base = make_llama(seed=seed)
+            if name == "other":
+                with torch.no_grad():
+                    base.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0  # not a LoRA target
+            trainer = _sft_trainer("llama", tiny_tokenizer, tmp_path / name, model=get_peft_model(base, _lora("llama")),
+                                   max_steps=1)  # fmt: skip
+            trainer.train()
+            trainer.save_model()
+            folders[name] = tmp_path / name / "out"
+            marker = json.loads((folders[name] / "delta_trl.json").read_text())
+            assert marker["base_model_sha256"] == base_model_fingerprint(base)
+            assert marker["base_model_dtype"] == "float32"
+            for file in ("adapter_model.safetensors", "adapter_config.json", "delta_trl.json"):
+                assert (folders[name] / file).stat().st_mode & 0o777 == 0o640, file
+    finally:
+        os.umask(previous)
+    merge_adapters([folders["a"], folders["b"]], None, tmp_path / "merged")  # same θ0: fine
+    with pytest.raises(ValueError, match="trained on different base models"):
+        merge_adapters([folders["a"], folders["other"]], None, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
