@@ -86,6 +86,7 @@ def test_a_local_folder_loads_like_a_hub_id(tmp_path):
     assert loaded_tokenizer("What is 2 + 3?").input_ids == tokenizer("What is 2 + 3?").input_ids
 
 
+@pytest.mark.embedded
 def test_embedded_model_is_the_real_smollm2():
     model, tokenizer = load_model_and_tokenizer("embedded")
     assert model.config.hidden_size == 576

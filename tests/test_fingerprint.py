@@ -110,6 +110,7 @@ def test_meta_tensors_are_refused():
 
 
 @pytest.mark.slow
+@pytest.mark.embedded
 def test_embedded_model_hash_time():
     """SmolLM2-135M (513 MiB fp32): one pass over every tensor, then the cache."""
     from delta_trl.embedded import load_model_and_tokenizer

@@ -59,6 +59,7 @@ def factors_digest(factors) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.distributed
 def test_two_runs_estimate_the_curvature_once(tmp_path):
     """Without the lock both processes find no cache, both estimate (two lines in work.log), and one fails to save."""
     results = run_workers("curvature", tmp_path)
@@ -67,6 +68,8 @@ def test_two_runs_estimate_the_curvature_once(tmp_path):
     assert sorted(p.name for p in tmp_path.glob(".curv.*-*")) == []  # no temporary or moved-aside folder
 
 
+@pytest.mark.distributed
+@pytest.mark.embedded
 def test_two_processes_convert_the_embedded_model_once(tmp_path):
     results = run_workers("embedded", tmp_path)
     assert len(work_log(tmp_path)) == 1
