@@ -1,4 +1,5 @@
-"""Diagnostics of task vectors (METHOD.md §5). Each returns a JSON-ready dict and, given ``output_dir``, writes
+"""Diagnostics of task vectors, as in the paper (Sommariva et al., ICML 2026, arXiv 2605.18993; how to read
+them: docs/MERGING.md §3). Each returns a JSON-ready dict and, given ``output_dir``, writes
 ``<name>.json`` and ``<name>.png`` there (figures: :mod:`delta_trl.plots`).
 
 - :func:`disentanglement_error`: ξ(α1, α2) of Ortiz-Jimenez et al. (https://huggingface.co/papers/2305.12827)::
@@ -17,6 +18,9 @@
 - :func:`dpo_front`: helpfulness and verbosity scores of greedy responses of ``θ0 + τ_help + λ2·τ_verb`` as λ2 varies,
   with preference accuracy (implicit reward margin ``[log π(y_w|x) − log π_0(y_w|x)] − [log π(y_l|x) − log π_0(y_l|x)]
   > 0``, π_0 = θ0 = the DPO reference) per objective and the mean response length.
+- :func:`logp_preference_accuracy`: on tokenized preference pairs, the fraction with ``log π(y_w|x) > log π(y_l|x)``
+  (sums over the completion tokens) at ``θ0 + Σ α_t τ_t``. Unlike DPO's reward accuracy it is meaningful for the base
+  model itself, where every implicit reward margin is 0.
 """
 
 from __future__ import annotations
@@ -210,6 +214,41 @@ def preference_accuracy(
 
         wins += reward(chosen) - reward(rejected) > 0
     return wins / len(pairs.prompts)
+
+
+@torch.no_grad()
+def logp_preference_accuracy(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    factors: Mapping[str, float],
+    *,
+    linearized: bool = False,
+) -> dict[str, float | int]:
+    """How often the chosen completion is more likely than the rejected one, for the model at ``θ0 + Σ α_t τ_t``.
+
+    Args:
+        batches: preference batches as TRL's DPO collator makes them: ``input_ids``, ``attention_mask`` and
+            ``completion_mask`` (1 on completion tokens), the chosen sequences in the first half of the rows and the
+            rejected ones, in the same order, in the second half.
+        factors: ``{adapter: α}``; ``{}`` (or all 0) is the base model.
+
+    Returns:
+        ``accuracy``: the fraction of pairs with ``log π(y_w|x) > log π(y_l|x)`` (each a sum over its completion
+        tokens; a tie counts as not preferred), ``mean_margin``: the mean of ``log π(y_w|x) − log π(y_l|x)``, and
+        ``pairs``.
+    """
+    wins, margin, pairs = 0, 0.0, 0
+    for batch in batches:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = merged_logits(model, inputs, factors, linearized)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+        chosen, rejected = completion_logps(logits, labels).double().chunk(2)
+        wins += int((chosen > rejected).sum())
+        margin += float((chosen - rejected).sum())
+        pairs += chosen.numel()
+    if pairs == 0:
+        raise ValueError("No preference pairs to score.")
+    return {"accuracy": wins / pairs, "mean_margin": margin / pairs, "pairs": pairs}
 
 
 @torch.no_grad()

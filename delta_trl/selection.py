@@ -1,4 +1,5 @@
-"""Choosing the task-arithmetic coefficient α on a validation split (METHOD.md §5).
+"""Choosing the task-arithmetic coefficient α on a validation split, as in the paper (Sommariva et al., ICML 2026,
+arXiv 2605.18993; docs/MERGING.md §2).
 
 - Addition: evaluate ``θ0 + α·Σ_t τ_t`` over a grid and keep the α maximising the *mean normalized accuracy*
   ``(1/T)·Σ_t acc_t(θ0 + α·Σ τ) / acc_t(θ0 + τ_t)`` (each task relative to its own fine-tuned model). α = 1 is always

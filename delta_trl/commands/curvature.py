@@ -1,4 +1,4 @@
-"""``delta-trl curvature``: estimate θ0's task-agnostic EK-FAC / K-FAC curvature once and cache it (METHOD.md §4)."""
+"""``delta-trl curvature``: estimate θ0's task-agnostic EK-FAC / K-FAC curvature once and cache it (docs/CURVATURE.md)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_reference_file(args: argparse.Namespace) -> None:
+    """A missing local file or a malformed line is named here, before `datasets` reads the file."""
+    from pathlib import Path
+
+    from delta_trl.evaluation import looks_like_file, read_located_records
+
+    path = Path(args.dataset)
+    if path.suffix == ".txt" and not path.is_file():
+        raise FileNotFoundError(f"{args.dataset!r} does not exist; give a .jsonl/.json/.csv/.txt file or a Hub id.")
+    if looks_like_file(args.dataset) and path.suffix != ".txt":
+        read_located_records(path)
+
+
 def _load_reference(args: argparse.Namespace):
     from delta_trl.curvature_cache import load_text_dataset
 
@@ -69,14 +82,10 @@ def _load_reference(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from delta_trl.errors import user_errors
 
-    try:
+    with user_errors():
         return _curvature(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Input problems are the user's to fix: a one-line message, not a traceback.
-        print(f"delta-trl {args.command}: error: {err}", file=sys.stderr)
-        return 2
 
 
 def _curvature(args: argparse.Namespace) -> int:
@@ -84,22 +93,30 @@ def _curvature(args: argparse.Namespace) -> int:
     import os
 
     import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from delta_trl._utils import check_output_dir
     from delta_trl.curvature_cache import push_curvature_to_hub, save_curvature
     from delta_trl.curvature_estimation import estimate_curvature
     from delta_trl.embedded import load_model_and_tokenizer
+    from delta_trl.errors import check_lora_targets, check_positive, model_skeleton, published, user_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_positive(
+        {"--num-samples": args.num_samples, "--max-length": args.max_length, "--batch-size": args.batch_size}
+    )
     check_output_dir(args.output, args.overwrite)  # before minutes of estimation, not after
+    with user_errors(f"--dataset {args.dataset}"):
+        _check_reference_file(args)
     target_modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    skeleton = model_skeleton(args.model, args.revision, "--model")  # names only: checked before loading weights
+    check_lora_targets(skeleton, args.target_modules, "--target-modules")
+    with user_errors(f"--dataset {args.dataset}"):
+        reference = _load_reference(args)
     kwargs = {"revision": args.revision} if args.revision else {}
-    if args.model != "embedded":
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        config = AutoConfig.from_pretrained(args.model, **kwargs)
-        kwargs["model_class"] = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model, tokenizer = load_model_and_tokenizer(args.model, **kwargs)
+    kwargs["model_class"] = AutoModelForSeq2SeqLM if skeleton.config.is_encoder_decoder else AutoModelForCausalLM
+    with user_errors(f"--model {args.model}", also=(ImportError,)):
+        model, tokenizer = load_model_and_tokenizer(args.model, **kwargs)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # launched by torchrun: one process per device, samples split across them
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -108,7 +125,6 @@ def _curvature(args: argparse.Namespace) -> int:
             model.to("cuda")
     elif torch.cuda.is_available():
         model.to("cuda")
-    reference = _load_reference(args)
     factors = estimate_curvature(
         model,
         tokenizer,
@@ -132,5 +148,10 @@ def _curvature(args: argparse.Namespace) -> int:
     if distributed:
         torch.distributed.barrier()
     if args.push_to_hub:
-        print(push_curvature_to_hub(args.output, args.push_to_hub, private=args.private))
+        retry = (
+            f'python -c "from delta_trl import push_curvature_to_hub; '
+            f'print(push_curvature_to_hub({args.output!r}, {args.push_to_hub!r}))"'
+        )
+        push = lambda: push_curvature_to_hub(args.output, args.push_to_hub, private=args.private)  # noqa: E731
+        print(published(args.output, args.push_to_hub, push, retry))
     return 0

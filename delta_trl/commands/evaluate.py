@@ -36,7 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--base-model", required=True, help="base model folder or hub id (θ0)")
+    parser.add_argument(
+        "--base-model", required=True, help="θ0: `embedded` (the packaged SmolLM2-135M-Instruct), a folder or a hub id"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: --base-model)")
     parser.add_argument(
         "--adapter", action="append", required=True, metavar="TASK=PATH", help="a task adapter; repeat per task"
@@ -90,36 +92,78 @@ def _load_set(path: str, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from delta_trl.errors import user_errors
 
-    try:
+    with user_errors():
         return _evaluate(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Input problems are the user's to fix: a one-line message, not a traceback.
-        print(f"delta-trl {args.command}: error: {err}", file=sys.stderr)
-        return 2
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _check_numbers(args: argparse.Namespace) -> None:
+    from delta_trl.errors import UserError, check_positive
+
+    check_positive({"--batch-size": args.batch_size})
+    if not 0 < args.threshold <= 1:
+        raise UserError(f"--threshold {args.threshold}: the control-accuracy floor must be in (0, 1] (× θ0's).")
+    bad = [a for a in args.alphas if a != a or a in (float("inf"), float("-inf"))]
+    if bad:
+        raise UserError(f"--alphas: {bad[0]} is not a finite number.")
+
+
+def _base_model_and_tokenizer(args: argparse.Namespace):
+    """θ0 and its tokenizer: `embedded` is converted once and loaded like the recipes do."""
     from transformers import AutoTokenizer
 
     from delta_trl.adapter_io import load_base_model
+    from delta_trl.errors import user_errors
+
+    name = args.base_model
+    with user_errors(f"--base-model {name}", also=(ImportError,)):
+        if name == "embedded":
+            from delta_trl.embedded import prepare_embedded_model
+
+            name = str(prepare_embedded_model())
+        model = load_base_model(name)
+    tokenizer_name = args.tokenizer or name
+    with user_errors(f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--base-model {args.base_model}"):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from delta_trl.adapter_io import resolve_adapter_path
     from delta_trl.diagnostics import alpha_sweep_report, negation_report
+    from delta_trl.errors import check_safetensors_file
     from delta_trl.evaluation import load_task_adapters
     from delta_trl.selection import addition_sweep, negation_sweep
 
+    _check_numbers(args)
     adapters = _pairs(args.adapter, "--adapter")
     files = _pairs(args.data, "--data")
     datasets = {name: _load_set(path, args) for name, path in files.items()}
-    model, linearized = load_task_adapters(load_base_model(args.base_model), adapters)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base_model)
-    common = {"linearized": linearized, "batch_size": args.batch_size}
     if args.negate:
         missing = {args.negate, args.control} - set(datasets)
         if missing or args.negate not in adapters:
             raise ValueError(
                 f"Negation needs --adapter {args.negate}=… and --data for {sorted({args.negate, args.control})}."
             )
+    else:
+        missing = set(adapters) - set(datasets)
+        if missing:
+            raise ValueError(f"Give --data for every adapter; missing {sorted(missing)}.")
+    folders = {}
+    for name, source in adapters.items():
+        folders[name] = resolve_adapter_path(source)
+        if not (folders[name] / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {name}={source}: no adapter_config.json; is it a PEFT adapter folder?")
+        weights = folders[name] / "adapter_model.safetensors"
+        if weights.is_file():
+            check_safetensors_file(weights, f"--adapter {name}={source}: the weights")
+    base, tokenizer = _base_model_and_tokenizer(args)
+    model, linearized = load_task_adapters(base, {name: str(path) for name, path in folders.items()})
+    common = {"linearized": linearized, "batch_size": args.batch_size}
+    if args.negate:
         result = negation_sweep(
             model, tokenizer, args.negate, datasets[args.negate], datasets[args.control], args.alphas,
             threshold=args.threshold, **common,
@@ -129,9 +173,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.output:
             negation_report(result, output_dir=args.output)
         return 0
-    missing = set(adapters) - set(datasets)
-    if missing:
-        raise ValueError(f"Give --data for every adapter; missing {sorted(missing)}.")
     result = addition_sweep(model, tokenizer, {t: datasets[t] for t in adapters}, args.alphas, **common)
     print(f"α = 1: mean normalized accuracy {result.alpha_one_normalized:.4f}")
     print(f"best α = {result.best_alpha:g}: mean normalized accuracy {result.best_normalized:.4f}")

@@ -76,31 +76,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from delta_trl.errors import user_errors
 
-    try:
+    with user_errors():
         return _merge(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Input problems are the user's to fix: a one-line message, not a traceback.
-        print(f"delta-trl {args.command}: error: {err}", file=sys.stderr)
-        return 2
 
 
 def _merge(args: argparse.Namespace) -> int:
     import json
 
-    from delta_trl.adapter_io import load_adapter
+    from delta_trl.adapter_io import REPO_ID, load_adapter, resolve_adapter_path
+    from delta_trl.errors import check_safetensors_file, published
     from delta_trl.merging import merge_adapters
 
     density = args.density
     if density is None:
         density = 1.0 if args.method == "task_arithmetic" else 0.2
+    for source in args.adapters:
+        weights = resolve_adapter_path(source) / "adapter_model.safetensors"
+        if weights.is_file():
+            check_safetensors_file(weights, f"The weights of adapter {source!r},")
     adapters = [load_adapter(source) for source in args.adapters]
     base_model = args.base_model
     if args.fold_into_base and base_model is None:
         base_model = adapters[0].config.base_model_name_or_path
         if not base_model:
             raise ValueError("The adapters do not record their base model; pass --base-model.")
+    card_base = None
+    if args.push_to_hub:
+        from delta_trl.hub import card_base_model
+
+        # Checked before merging: the card must name a Hub base model, and the local output should not be wasted.
+        # A local --base-model folder cannot be named in the card; the recorded base is used instead.
+        card_base = args.base_model if args.base_model and REPO_ID.match(args.base_model) else None
+        card_base_model(card_base or adapters[0].config.base_model_name_or_path, "--base-model")
     result = merge_adapters(
         adapters,
         args.coefficients,
@@ -119,10 +128,17 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"wrote {result.output_dir}")
     print(json.dumps(summary, indent=2))
     if args.push_to_hub:
-        from delta_trl.adapter_io import REPO_ID
         from delta_trl.hub import push_to_hub
 
-        # A local --base-model folder cannot be named in the card; the recorded base (a hub id) is used instead.
-        card_base = args.base_model if args.base_model and REPO_ID.match(args.base_model) else None
-        print(push_to_hub(result.output_dir, args.push_to_hub, base_model=card_base, private=args.private))
+        retry = (
+            f'python -c "from delta_trl.hub import push_to_hub; print(push_to_hub({str(result.output_dir)!r}, '
+            f'{args.push_to_hub!r}{", base_model=" + repr(card_base) if card_base else ""}))"'
+        )
+        url = published(
+            result.output_dir,
+            args.push_to_hub,
+            lambda: push_to_hub(result.output_dir, args.push_to_hub, base_model=card_base, private=args.private),
+            retry,
+        )
+        print(url)
     return 0
