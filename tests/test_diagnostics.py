@@ -75,20 +75,6 @@ def test_xi_on_tiny_model_writes_files(llama_with_adapters, tiny_tokenizer, tmp_
     assert result["xi"][1][1] == expected
 
 
-def test_xi_counts_disagreements_by_hand():
-    """ξ(α1, α2) = Σ_t mean(pred_t(α1 τ1 + α2 τ2) ≠ pred_t(α_t τ_t)) on a predictor whose answers are known."""
-
-    def predict(factors, task):
-        a, b = factors.get("a", 0.0), factors.get("b", 0.0)
-        if task == "a":  # τ_b ≠ 0 flips row 1 of task a
-            return torch.tensor([0, 0, 1, 1]) if b == 0 else torch.tensor([0, 1, 1, 1])
-        return torch.tensor([1, 0]) if a < 1 else torch.tensor([0, 0])  # α_a ≥ 1 flips row 0 of task b
-
-    result = disentanglement_error(predict, ("a", "b"), [0.0, 1.0], [0.0, 2.0])
-    # (0, 2): 1/4 on a, 0 on b; (1, 0): 0 on a, 1/2 on b; (1, 2): both
-    assert result["xi"] == [[0.0, 0.25], [0.5, 0.75]]
-
-
 def test_linearization_error_by_hand(llama_with_adapters, tiny_tokenizer, tmp_path):
     from delta_trl.evaluation import merged_logits
     from delta_trl.linearize import linearized_forward
