@@ -46,9 +46,9 @@ def main(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
 
     from delta_trl import DeltaConfig, DeltaTrainer, load_model_and_tokenizer
-    from delta_trl.adapters import unparked
-    from delta_trl.curvature import curvature_penalty
-    from delta_trl.curvature_estimation import estimate_curvature
+    from delta_trl.core.adapters import unparked
+    from delta_trl.curvature.factors.estimation import estimate_curvature
+    from delta_trl.curvature.factors.factors import curvature_penalty
 
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sdpa")

@@ -6,11 +6,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+# "owner/name": what the Hub accepts as a repository id (a local path of that shape takes precedence where it exists)
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ._utils import atomic_output_dir, lock_for, sha256_file
+from delta_trl._utils import atomic_output_dir, lock_for, sha256_file
 
 
 logger = logging.getLogger(__name__)

@@ -252,7 +252,7 @@ def published(output: str | os.PathLike, repo_id: str, push: Callable[[], Any], 
 
 def check_model_source(name_or_path: str, flag: str) -> None:
     """Refuse a model that is neither ``embedded``, a model folder, nor shaped like a Hub id (checked offline)."""
-    from .embedded import EMBEDDED_MODEL_NAME
+    from delta_trl.embedded import EMBEDDED_MODEL_NAME
 
     if name_or_path == EMBEDDED_MODEL_NAME:
         return
@@ -270,27 +270,6 @@ def check_model_source(name_or_path: str, flag: str) -> None:
         raise UserError(
             f"{flag} {name_or_path}: no such folder; give a model folder, a Hub id (owner/name) or `embedded`."
         )
-
-
-def check_hub_arguments(training_args: Any, model_args: Any) -> None:
-    """``--push_to_hub`` needs ``--hub_model_id owner/name`` and a base model a model card can name on the Hub."""
-    if not training_args.push_to_hub:
-        return
-    from .adapter_io import REPO_ID
-    from .hub import card_base_model
-
-    if not training_args.hub_model_id or not REPO_ID.match(training_args.hub_model_id):
-        raise UserError(
-            f"--push_to_hub needs --hub_model_id owner/name (got {training_args.hub_model_id!r}): the repo the "
-            "adapter is uploaded to after training."
-        )
-    try:
-        card_base_model(model_args.model_name_or_path, "--model_name_or_path")
-    except ValueError as err:
-        raise UserError(
-            f"--push_to_hub: {one_line(err)} A model trained from a local folder can be pushed later with "
-            "delta_trl.hub.push_to_hub(output_dir, repo_id, base_model='owner/name')."
-        ) from err
 
 
 @contextlib.contextmanager
@@ -320,7 +299,7 @@ def model_skeleton(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from .embedded import EMBEDDED_MODEL_NAME, prepare_embedded_model
+    from delta_trl.embedded import EMBEDDED_MODEL_NAME, prepare_embedded_model
 
     with user_errors(f"{flag} {name_or_path}", also=(ImportError,)):
         source = str(prepare_embedded_model()) if name_or_path == EMBEDDED_MODEL_NAME else name_or_path

@@ -25,8 +25,7 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from ._utils import atomic_output_dir, read_delta_trl_metadata
-from .adapter_io import REPO_ID
+from delta_trl._utils import REPO_ID, atomic_output_dir, read_delta_trl_metadata
 
 
 TAGS = ["delta_trl", "task-arithmetic", "lora"]
@@ -35,7 +34,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def _embedded_origin(name_or_path: str) -> str | None:
     """The Hub id the embedded model was converted from, if ``name_or_path`` is ``embedded`` or its cache folder."""
-    from .embedded import EMBEDDED_MODEL_ID, EMBEDDED_MODEL_NAME, MANIFEST, embedded_model_dir
+    from delta_trl.embedded import EMBEDDED_MODEL_ID, EMBEDDED_MODEL_NAME, MANIFEST, embedded_model_dir
 
     if name_or_path == EMBEDDED_MODEL_NAME:
         return EMBEDDED_MODEL_ID
@@ -60,7 +59,7 @@ def card_base_model(name_or_path: str | None, flag: str = "base_model") -> tuple
     """
     origin = _embedded_origin(name_or_path) if name_or_path else None
     if origin is not None:
-        from .embedded import GGUF_FILE, GGUF_PACKAGE
+        from delta_trl.embedded import GGUF_FILE, GGUF_PACKAGE
 
         return origin, (
             f"delta_trl's `embedded` model: `{origin}` dequantised to float32 from the Q4_1 GGUF `{GGUF_FILE}` "
@@ -127,7 +126,7 @@ def model_card(
     """Build the model card of an adapter / merged folder written by delta_trl.
 
     Args:
-        folder: a trained adapter (a single task vector), or an output of :func:`delta_trl.merging.merge_adapters`.
+        folder: a trained adapter (a single task vector), or an output of :func:`delta_trl.merging.merge.merge_adapters`.
         repo_id: the title (defaults to the folder name).
         base_model: overrides the base model recorded in the folder (needed when none is recorded).
         results: measured results, ``{metric: value}`` (e.g. the α-selection summary); written as a table.
@@ -279,7 +278,7 @@ def push_after_training(
     A failure raises :class:`delta_trl.errors.UserError`: one line saying the local adapter is complete, why the upload
     failed, and the command that retries it.
     """
-    from .errors import published
+    from delta_trl.errors import published
 
     private = getattr(training_args, "hub_private_repo", None)
     token = getattr(training_args, "hub_token", None)
@@ -292,3 +291,23 @@ def push_after_training(
     )
     print(f"  uploaded to the Hub: {url}")
     return url
+
+
+def check_hub_arguments(training_args: Any, model_args: Any) -> None:
+    """``--push_to_hub`` needs ``--hub_model_id owner/name`` and a base model a model card can name on the Hub."""
+    if not training_args.push_to_hub:
+        return
+    from delta_trl.errors import UserError, one_line
+
+    if not training_args.hub_model_id or not REPO_ID.match(training_args.hub_model_id):
+        raise UserError(
+            f"--push_to_hub needs --hub_model_id owner/name (got {training_args.hub_model_id!r}): the repo the "
+            "adapter is uploaded to after training."
+        )
+    try:
+        card_base_model(model_args.model_name_or_path, "--model_name_or_path")
+    except ValueError as err:
+        raise UserError(
+            f"--push_to_hub: {one_line(err)} A model trained from a local folder can be pushed later with "
+            "delta_trl.hub.push_to_hub(output_dir, repo_id, base_model='owner/name')."
+        ) from err

@@ -3,7 +3,7 @@
 Offline default: the embedded SmolLM2-135M-Instruct and a built-in preference set. `builtin:helpful` prefers the
 correct answer to an arithmetic question over a wrong one; `builtin:verbose` prefers a long answer over a short one
 (the paper's helpfulness-vs-verbosity pair: train both, then trace the front of θ0 + τ_help + λ·τ_verb with the Python
-function `delta_trl.diagnostics.dpo_front`, docs/MERGING.md §3; `delta-trl evaluate` scores classification tasks only).
+function `delta_trl.evaluation.diagnostics.dpo_front`, docs/MERGING.md §3; `delta-trl evaluate` scores classification tasks only).
 
 It reports, on the held-out pairs, how often the chosen response is more likely than the rejected one
 (log π(chosen | prompt) > log π(rejected | prompt), summed over the completion tokens) for the base model and for the
@@ -35,10 +35,9 @@ from trl import ModelConfig, TrlParser
 
 from delta_trl import DeltaDPOConfig, DeltaDPOTrainer, load_model_and_tokenizer
 from delta_trl._utils import check_run_output_dir, lora_config_from
-from delta_trl.diagnostics import logp_preference_accuracy
+from delta_trl.data import load_rows
 from delta_trl.errors import (
     UserError,
-    check_hub_arguments,
     check_lora_arguments,
     check_lora_targets,
     check_model_source,
@@ -50,8 +49,8 @@ from delta_trl.errors import (
     run_cli,
     user_errors,
 )
-from delta_trl.evaluation import load_rows
-from delta_trl.hub import push_after_training
+from delta_trl.evaluation.diagnostics import logp_preference_accuracy
+from delta_trl.hub import check_hub_arguments, push_after_training
 
 
 @dataclass

@@ -35,9 +35,9 @@ from trl import ModelConfig, TrlParser
 
 from delta_trl import DeltaConfig, DeltaTrainer, load_model_and_tokenizer
 from delta_trl._utils import atomic_write, check_run_output_dir, lora_config_from
+from delta_trl.data import load_rows
 from delta_trl.errors import (
     UserError,
-    check_hub_arguments,
     check_lora_arguments,
     check_lora_targets,
     check_model_source,
@@ -49,8 +49,8 @@ from delta_trl.errors import (
     run_cli,
     user_errors,
 )
-from delta_trl.evaluation import ClassificationSet, accuracy, class_scores, load_rows
-from delta_trl.hub import push_after_training
+from delta_trl.evaluation.scoring import ClassificationSet, accuracy, class_scores
+from delta_trl.hub import check_hub_arguments, push_after_training
 
 
 POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "touching", "fun"]

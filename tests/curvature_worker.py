@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_llama, make_tokenizer  # noqa: E402
 
-from delta_trl.curvature_cache import load_curvature, load_or_estimate_curvature  # noqa: E402
+from delta_trl.curvature.cache import load_curvature, load_or_estimate_curvature  # noqa: E402
 
 
 TEXTS = [f"What is {i} + {i % 3}? {i + i % 3}." + " please" * (i % 4) for i in range(11)]

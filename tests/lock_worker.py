@@ -42,7 +42,8 @@ def log_work(shared: Path, worker: str) -> None:
 def curvature(shared: Path, worker: str) -> str:
     from peft import LoraConfig, get_peft_model
 
-    from delta_trl import curvature_cache, curvature_estimation
+    from delta_trl.curvature import cache as curvature_cache
+    from delta_trl.curvature import estimation as curvature_estimation
 
     real = curvature_estimation.estimate_curvature
 

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 
-from delta_trl.adapters import (
+from delta_trl.core.adapters import (
     add_teacher_adapter,
     lora_layers,
     nominal_scaling,

@@ -10,9 +10,9 @@ from conftest import make_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
-from delta_trl.adapter_io import load_adapter
 from delta_trl.cli import main
-from delta_trl.fingerprint import base_model_fingerprint
+from delta_trl.core.fingerprint import base_model_fingerprint
+from delta_trl.merging.adapter_io import load_adapter
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ from peft import LoraConfig, get_peft_model
 from torch.testing import assert_close
 from transformers import PretrainedConfig
 
-import delta_trl.curvature_estimation as estimation
-from delta_trl.adapters import add_teacher_adapter, scaled_adapters, unparked
-from delta_trl.curvature import (
+import delta_trl.curvature.estimation as estimation
+from delta_trl.core.adapters import add_teacher_adapter, scaled_adapters, unparked
+from delta_trl.curvature.estimation import estimate_curvature, example_probe
+from delta_trl.curvature.factors import (
     CurvatureFactors,
     LayerCurvature,
     curvature_penalty,
@@ -22,7 +23,6 @@ from delta_trl.curvature import (
     kfac_penalty,
     resolve_target_modules,
 )
-from delta_trl.curvature_estimation import estimate_curvature, example_probe
 
 
 TEXTS = [

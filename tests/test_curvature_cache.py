@@ -20,15 +20,15 @@ from torch.testing import assert_close
 import delta_trl
 from delta_trl._utils import sha256_file
 from delta_trl.cli import main as cli_main
-from delta_trl.curvature import CurvatureFactors, LayerCurvature
-from delta_trl.curvature_cache import (
+from delta_trl.core.fingerprint import base_model_fingerprint
+from delta_trl.curvature.cache import (
     load_curvature,
     load_or_estimate_curvature,
     push_curvature_to_hub,
     save_curvature,
 )
-from delta_trl.curvature_estimation import estimate_curvature, texts_fingerprint
-from delta_trl.fingerprint import base_model_fingerprint
+from delta_trl.curvature.estimation import estimate_curvature, texts_fingerprint
+from delta_trl.curvature.factors import CurvatureFactors, LayerCurvature
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def test_load_or_estimate(tokenizer, tmp_path, monkeypatch):
     def no_estimation(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr("delta_trl.curvature_estimation.estimate_curvature", no_estimation)
+    monkeypatch.setattr("delta_trl.curvature.estimation.estimate_curvature", no_estimation)
     second = load_or_estimate_curvature(model, path=path, reference=TEXTS, tokenizer=tokenizer)
     assert_close(second.layers[first.module_names[0]].tensors["D"], first.layers[first.module_names[0]].tensors["D"])
     with pytest.raises(ValueError, match="another model"):

@@ -13,9 +13,9 @@ from torch.testing import assert_close
 from trl import DPOConfig, DPOTrainer
 
 from delta_trl import DeltaDPOConfig, DeltaDPOTrainer
-from delta_trl.adapters import scaled_adapters, unparked
-from delta_trl.linearize import linearized_forward
-from delta_trl.losses import completion_logps, dpo_loss
+from delta_trl.core.adapters import scaled_adapters, unparked
+from delta_trl.core.linearize import linearized_forward
+from delta_trl.core.losses import completion_logps, dpo_loss
 
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}

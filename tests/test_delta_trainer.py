@@ -13,9 +13,9 @@ from torch.testing import assert_close
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from delta_trl import DeltaTrainer
-from delta_trl.adapters import scaled_adapters, unparked
-from delta_trl.linearize import linearized_forward
-from delta_trl.losses import hidden_distillation_loss, supervised_mask, token_cross_entropy
+from delta_trl.core.adapters import scaled_adapters, unparked
+from delta_trl.core.linearize import linearized_forward
+from delta_trl.core.losses import hidden_distillation_loss, supervised_mask, token_cross_entropy
 
 
 KINDS = {

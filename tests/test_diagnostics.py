@@ -9,8 +9,8 @@ import torch
 from conftest import make_llama
 from peft import LoraConfig, get_peft_model
 
-from delta_trl.adapters import scaled_adapters
-from delta_trl.diagnostics import (
+from delta_trl.core.adapters import scaled_adapters
+from delta_trl.evaluation.diagnostics import (
     PreferenceSet,
     alpha_sweep_report,
     classification_predictor,
@@ -19,8 +19,8 @@ from delta_trl.diagnostics import (
     dpo_front,
     linearization_error,
 )
-from delta_trl.evaluation import ClassificationSet, load_task_adapters
-from delta_trl.selection import select_alpha
+from delta_trl.evaluation.scoring import ClassificationSet, load_task_adapters
+from delta_trl.evaluation.selection import select_alpha
 
 
 def test_xi_is_zero_for_identical_predictions(tmp_path):
@@ -76,8 +76,8 @@ def test_xi_on_tiny_model_writes_files(llama_with_adapters, tiny_tokenizer, tmp_
 
 
 def test_linearization_error_by_hand(llama_with_adapters, tiny_tokenizer, tmp_path):
-    from delta_trl.evaluation import merged_logits
-    from delta_trl.linearize import linearized_forward
+    from delta_trl.core.linearize import linearized_forward
+    from delta_trl.evaluation.scoring import merged_logits
 
     model = llama_with_adapters
     ids = torch.tensor([tiny_tokenizer("the cat sleeps on the mat")["input_ids"]])
@@ -129,7 +129,7 @@ def test_dpo_front_on_tiny_model(llama_with_adapters, tiny_tokenizer, tmp_path):
     assert all(v in (0.0, 1.0) for v in result["preference_accuracy"]["verbosity"])
     assert (tmp_path / "dpo_front.png").is_file()
     # Implicit reward is 0 at θ0 itself, so the margin is not > 0: the base model has preference accuracy 0.
-    from delta_trl.diagnostics import preference_accuracy
+    from delta_trl.evaluation.diagnostics import preference_accuracy
 
     assert preference_accuracy(model, tiny_tokenizer, pairs, {}) == 0.0
     assert completion_logp(model, tiny_tokenizer, "What", " is", {}) < 0

@@ -70,12 +70,12 @@ NOT_RUN: dict[tuple[str, str], str] = {
     ("docs/CURVATURE.md", "# EK-FAC factors of the embedded SmolLM2-135M for LoRA on q_proj / v_proj"): (
         "the reader's c4_sample.jsonl, the Hub dataset allenai/c4, the placeholder org/model and a torchrun launch"
     ),
-    ("docs/MERGING.md", "from delta_trl.merging import merge_adapters"): "names the Hub model "
+    ("docs/MERGING.md", "from delta_trl.merging.merge import merge_adapters"): "names the Hub model "
     "HuggingFaceTB/SmolLM2-135M and the reader's adapters runs/sst2, runs/rte, runs/toxic",
-    ("docs/MERGING.md", "from delta_trl.merge_methods import sparsify, sign_consensus, combine"): (
+    ("docs/MERGING.md", "from delta_trl.merging.methods import sparsify, sign_consensus, combine"): (
         "uses `torch` without importing it (MERGING.md's owner: add `import torch`)"
     ),
-    ("docs/MERGING.md", "from delta_trl.evaluation import ClassificationSet, load_task_adapters"): (
+    ("docs/MERGING.md", "from delta_trl.evaluation.scoring import ClassificationSet, load_task_adapters"): (
         "a fragment: `base`, `texts`, `labels` and `tokenizer` are the reader's"
     ),
     ("docs/MERGING.md", "from delta_trl.hub import push_to_hub, stage_for_hub"): "uploads to the Hub; "

@@ -11,8 +11,8 @@ from conftest import make_llama
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from delta_trl import fingerprint
-from delta_trl.fingerprint import base_model_fingerprint, base_tensors
+from delta_trl.core import fingerprint
+from delta_trl.core.fingerprint import base_model_fingerprint, base_tensors
 
 
 # The format is a contract: adapters and curvature caches record this hash. Changing the format invalidates them.

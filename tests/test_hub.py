@@ -13,7 +13,7 @@ from huggingface_hub import HfApi
 from peft import LoraConfig, get_peft_model
 
 from delta_trl.hub import push_to_hub, stage_for_hub
-from delta_trl.merging import merge_adapters
+from delta_trl.merging.merge import merge_adapters
 
 
 def front_matter(readme: str) -> dict:

@@ -7,9 +7,9 @@ from peft import LoraConfig, get_peft_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 
-from delta_trl.adapters import add_teacher_adapter, lora_layers, scaled_adapters, unparked
-from delta_trl.linearize import linearized_forward, linearized_loss
-from delta_trl.losses import token_cross_entropy
+from delta_trl.core.adapters import add_teacher_adapter, lora_layers, scaled_adapters, unparked
+from delta_trl.core.linearize import linearized_forward, linearized_loss
+from delta_trl.core.losses import token_cross_entropy
 
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}

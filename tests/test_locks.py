@@ -17,9 +17,9 @@ from peft import LoraConfig, get_peft_model
 
 from delta_trl import _utils
 from delta_trl._utils import atomic_output_dir, atomic_write, current_umask, lock_for, replace_dir, write_json
-from delta_trl.curvature_cache import load_curvature, save_curvature
-from delta_trl.curvature_estimation import estimate_curvature
-from delta_trl.merging import merge_adapters
+from delta_trl.curvature.cache import load_curvature, save_curvature
+from delta_trl.curvature.estimation import estimate_curvature
+from delta_trl.merging.merge import merge_adapters
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from delta_trl.losses import (
+from delta_trl.core.losses import (
     alpha_bounds,
     completion_logps,
     delta_objective,

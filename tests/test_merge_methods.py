@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from delta_trl.merge_methods import (
+from delta_trl.merging.methods import (
     MergeMethod,
     combine,
     combine_with_method,

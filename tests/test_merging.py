@@ -12,10 +12,10 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from delta_trl.adapter_io import load_adapter
-from delta_trl.fingerprint import base_model_fingerprint
-from delta_trl.merge_methods import MergeMethod, combine_with_method
-from delta_trl.merging import _check_merge_inputs, fold_into_model, merge_adapters
+from delta_trl.core.fingerprint import base_model_fingerprint
+from delta_trl.merging.adapter_io import load_adapter
+from delta_trl.merging.merge import _check_merge_inputs, fold_into_model, merge_adapters
+from delta_trl.merging.methods import MergeMethod, combine_with_method
 
 
 TARGETS = ["q_proj", "v_proj"]
@@ -284,7 +284,7 @@ def test_check_returns_plan_without_writing(two_adapters, tmp_path):
 
 def test_linear_adapters_merge_into_a_linearized_adapter(two_adapters, tmp_path):
     """The merged adapter keeps `evaluate_linearized` and the base hash, so evaluation linearizes the sum."""
-    from delta_trl.evaluation import load_task_adapters
+    from delta_trl.evaluation.scoring import load_task_adapters
 
     a, b = two_adapters
     fingerprint = base_model_fingerprint(make_llama())
@@ -367,7 +367,7 @@ def test_baselines_write_refactored_adapter_with_error(two_adapters, tmp_path, m
 
 
 def test_task_vector_algebra(two_adapters, tmp_path):
-    from delta_trl.task_vector import TaskVector
+    from delta_trl.merging.task_vector import TaskVector
 
     a, b = two_adapters
     ta, tb = TaskVector.from_adapter(a), TaskVector.from_adapter(b)
@@ -428,7 +428,7 @@ def test_t5_merged_adapter_matches_folded_model(tmp_path):
 
 
 def test_task_vector_keeps_linearization_and_base_hash(two_adapters):
-    from delta_trl.task_vector import TaskVector
+    from delta_trl.merging.task_vector import TaskVector
 
     a, b = two_adapters
     fingerprint = base_model_fingerprint(make_llama())
@@ -461,7 +461,7 @@ def test_task_vector_keeps_linearization_and_base_hash(two_adapters):
 
 def test_base_from_a_folder_is_loaded_in_the_recorded_dtype(two_adapters, tmp_path):
     """An fp32 checkpoint trained on in bf16: the adapters record the bf16 hash and dtype, so the fold loads bf16."""
-    from delta_trl.fingerprint import base_model_dtype
+    from delta_trl.core.fingerprint import base_model_dtype
 
     a, b = two_adapters
     make_llama().save_pretrained(tmp_path / "base")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from delta_trl.metrics import class_accuracy, exact_match, task_accuracy_metric
+from delta_trl.evaluation.metrics import class_accuracy, exact_match, task_accuracy_metric
 
 
 def test_class_accuracy_counts_equal_indices():

@@ -8,8 +8,8 @@ import torch
 from conftest import make_llama, make_tokenizer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from delta_trl.diagnostics import logp_preference_accuracy
 from delta_trl.errors import UserError
+from delta_trl.evaluation.diagnostics import logp_preference_accuracy
 from recipes import dpo_delta, sft_delta
 
 

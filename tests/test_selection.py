@@ -10,16 +10,16 @@ from conftest import make_llama, make_t5
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from delta_trl.evaluation import (
+from delta_trl.core.linearize import linearized_forward
+from delta_trl.evaluation.scoring import (
     ClassificationSet,
     class_scores,
     load_classification_file,
     load_task_adapters,
     merged_logits,
 )
-from delta_trl.linearize import linearized_forward
-from delta_trl.merging import merge_adapters
-from delta_trl.selection import addition_sweep, negation_sweep, select_alpha, select_negation_alpha
+from delta_trl.evaluation.selection import addition_sweep, negation_sweep, select_alpha, select_negation_alpha
+from delta_trl.merging.merge import merge_adapters
 
 
 def test_select_alpha_picks_known_best():

@@ -202,8 +202,8 @@ def test_saved_marker_identifies_the_base_by_content_and_files_honour_the_umask(
     import json
     import os
 
-    from delta_trl.fingerprint import base_model_fingerprint
-    from delta_trl.merging import merge_adapters
+    from delta_trl.core.fingerprint import base_model_fingerprint
+    from delta_trl.merging.merge import merge_adapters
 
     folders = {}
     previous = os.umask(0o027)

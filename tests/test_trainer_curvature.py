@@ -11,8 +11,8 @@ from torch.testing import assert_close
 from transformers import DataCollatorForSeq2Seq
 
 from delta_trl import DeltaConfig, DeltaDPOConfig, DeltaDPOTrainer, DeltaTrainer
-from delta_trl.adapters import unparked
-from delta_trl.curvature import curvature_penalty
+from delta_trl.core.adapters import unparked
+from delta_trl.curvature.factors import curvature_penalty
 
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}

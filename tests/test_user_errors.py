@@ -387,7 +387,7 @@ def test_merge_push_failure_is_one_line_after_the_merge(tmp_path, capfd, monkeyp
 
 
 def test_curvature_push_failure_is_one_line_after_the_cache(workspace, tmp_path, capfd, monkeypatch):
-    from delta_trl.curvature_cache import load_curvature
+    from delta_trl.curvature.cache import load_curvature
 
     calls = []
     _failing_hub(monkeypatch, calls)

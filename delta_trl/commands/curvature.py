@@ -66,17 +66,14 @@ def _check_reference_file(args: argparse.Namespace) -> None:
     """A missing local file or a malformed line is named here, before `datasets` reads the file."""
     from pathlib import Path
 
-    from delta_trl.evaluation import looks_like_file, read_located_records
+    from delta_trl.data import looks_like_file, read_located_records
 
-    path = Path(args.dataset)
-    if path.suffix == ".txt" and not path.is_file():
-        raise FileNotFoundError(f"{args.dataset!r} does not exist; give a .jsonl/.json/.csv/.txt file or a Hub id.")
-    if looks_like_file(args.dataset) and path.suffix != ".txt":
-        read_located_records(path)
+    if looks_like_file(args.dataset):
+        read_located_records(Path(args.dataset))
 
 
 def _load_reference(args: argparse.Namespace):
-    from delta_trl.curvature_cache import load_text_dataset
+    from delta_trl.data import load_text_dataset
 
     return load_text_dataset(args.dataset, args.dataset_config, split=args.split)
 
@@ -96,8 +93,8 @@ def _curvature(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from delta_trl._utils import check_output_dir
-    from delta_trl.curvature_cache import push_curvature_to_hub, save_curvature
-    from delta_trl.curvature_estimation import estimate_curvature
+    from delta_trl.curvature.cache import push_curvature_to_hub, save_curvature
+    from delta_trl.curvature.estimation import estimate_curvature
     from delta_trl.embedded import load_model_and_tokenizer
     from delta_trl.errors import check_lora_targets, check_positive, model_skeleton, published, user_errors
 

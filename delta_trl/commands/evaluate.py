@@ -79,7 +79,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def _load_set(path: str, args: argparse.Namespace):
-    from delta_trl.evaluation import load_classification_file
+    from delta_trl.evaluation.scoring import load_classification_file
 
     return load_classification_file(
         path,
@@ -113,8 +113,8 @@ def _base_model_and_tokenizer(args: argparse.Namespace):
     """θ0 and its tokenizer: `embedded` is converted once and loaded like the recipes do."""
     from transformers import AutoTokenizer
 
-    from delta_trl.adapter_io import load_base_model
     from delta_trl.errors import user_errors
+    from delta_trl.merging.adapter_io import load_base_model
 
     name = args.base_model
     with user_errors(f"--base-model {name}", also=(ImportError,)):
@@ -132,11 +132,11 @@ def _base_model_and_tokenizer(args: argparse.Namespace):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from delta_trl.adapter_io import resolve_adapter_path
-    from delta_trl.diagnostics import alpha_sweep_report, negation_report
     from delta_trl.errors import check_safetensors_file
-    from delta_trl.evaluation import load_task_adapters
-    from delta_trl.selection import addition_sweep, negation_sweep
+    from delta_trl.evaluation.diagnostics import alpha_sweep_report, negation_report
+    from delta_trl.evaluation.scoring import load_task_adapters
+    from delta_trl.evaluation.selection import addition_sweep, negation_sweep
+    from delta_trl.merging.adapter_io import resolve_adapter_path
 
     _check_numbers(args)
     adapters = _pairs(args.adapter, "--adapter")

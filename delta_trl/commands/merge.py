@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     import json
 
-    from delta_trl.adapter_io import REPO_ID, load_adapter, resolve_adapter_path
     from delta_trl.errors import check_safetensors_file, published
-    from delta_trl.merging import merge_adapters
+    from delta_trl.merging.adapter_io import REPO_ID, load_adapter, resolve_adapter_path
+    from delta_trl.merging.merge import merge_adapters
 
     density = args.density
     if density is None:

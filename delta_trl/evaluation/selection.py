@@ -9,7 +9,7 @@ arXiv 2605.18993; docs/MERGING.md §2).
   always evaluated, so a feasible α exists.
 
 The selection functions take an ``evaluate(α)`` callable, so any metric can be plugged in; :func:`addition_sweep` and
-:func:`negation_sweep` build it from :func:`delta_trl.evaluation.evaluate_tasks`.
+:func:`negation_sweep` build it from :func:`delta_trl.evaluation.scoring.evaluate_tasks`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .evaluation import ClassificationSet, Metric, accuracy, evaluate_tasks
+from delta_trl.evaluation.scoring import ClassificationSet, Metric, accuracy, evaluate_tasks
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ Task addition and negation give ``θ = θ0 + Σ_t α_t·τ_t`` (``α_t < 0`` neg
 - the base model with ``Σ_t α_t·ΔW_t`` added to its weights (``--fold-into-base``).
 
 PEFT's ``add_weighted_adapter(combination_type="linear")`` mixes ``A`` and ``B`` separately and is *not* task
-arithmetic (cross terms, peft#3004); it is never used here. TIES and DARE (:mod:`delta_trl.merge_methods`) work on the
+arithmetic (cross terms, peft#3004); it is never used here. TIES and DARE (:mod:`delta_trl.merging.methods`) work on the
 dense ``ΔW_t`` and are written either folded or re-factored to rank ``Σ_t r_t`` by SVD, with the truncation error
 reported in ``merge_report.json``.
 
 Everything is validated by :func:`_check_merge_inputs` before anything is written, and the output folder appears
 atomically (:func:`delta_trl._utils.atomic_output_dir`). The base model is identified by the content hash each adapter
-records in ``delta_trl.json`` (``base_model_sha256``, :func:`delta_trl.fingerprint.base_model_fingerprint`); names
+records in ``delta_trl.json`` (``base_model_sha256``, :func:`delta_trl.core.fingerprint.base_model_fingerprint`); names
 are for display. Adapters trained in ``linear`` mode (``"evaluate_linearized": true``) act through the linearized
 model ``f(θ0) + J·τ``: their merged adapter keeps the marker, and they can be neither folded into the weights nor
 mixed with ordinary adapters.
@@ -38,10 +38,10 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from ._utils import atomic_output_dir, check_output_dir, write_json
-from .adapter_io import LoadedAdapter, load_adapter, load_base_model
-from .fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
-from .merge_methods import MergeMethod, check_density, combine_with_method, low_rank_factors
+from delta_trl._utils import atomic_output_dir, check_output_dir, write_json
+from delta_trl.core.fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
+from delta_trl.merging.adapter_io import LoadedAdapter, load_adapter, load_base_model
+from delta_trl.merging.methods import MergeMethod, check_density, combine_with_method, low_rank_factors
 
 
 MERGE_REPORT = "merge_report.json"
@@ -90,7 +90,7 @@ def _check_merge_inputs(
     """Load and validate every input of a merge; raise ``ValueError``/``FileNotFoundError`` on the first problem.
 
     Checks: at least one adapter; one finite coefficient per adapter; a known method and ``0 < density <= 1``;
-    every adapter a vanilla (rs)LoRA on linear layers (see :func:`delta_trl.adapter_io.load_adapter`); one training
+    every adapter a vanilla (rs)LoRA on linear layers (see :func:`delta_trl.merging.adapter_io.load_adapter`); one training
     mode (all ``linear``/linearized or none, see :func:`_check_linearized`); one base model, by the recorded
     ``base_model_sha256`` (:func:`_recorded_fingerprint`; by ``base_model_name_or_path`` for adapters that record no
     hash); the same ``fan_in_fan_out`` and target modules with the same shapes across adapters; the base model (needed
@@ -382,7 +382,7 @@ def merge_adapters(
     """Merge LoRA task vectors ``θ0 + Σ_t α_t·τ_t`` and write a PEFT adapter or a full model to ``output_dir``.
 
     Args:
-        adapters: adapter folders, hub ids or :class:`~delta_trl.adapter_io.LoadedAdapter`.
+        adapters: adapter folders, hub ids or :class:`~delta_trl.merging.adapter_io.LoadedAdapter`.
         coefficients: ``α_t`` per adapter (negative = negation); ``None`` means all 1.
         output_dir: new folder to write (never overwritten unless ``overwrite=True``; written atomically).
         method: ``task_arithmetic`` (exact), ``ties`` or ``dare`` (baselines on the dense ``ΔW_t``).
@@ -488,7 +488,7 @@ def merged_metadata(plan: MergePlan) -> dict[str, Any]:
     ``evaluate_linearized`` (all inputs are linearized), ``base_model_sha256`` (when every input records it) and
     ``delta_mode`` (when every input records the same one), plus the merge method and the delta_trl version.
     """
-    from . import __version__
+    from delta_trl import __version__
 
     modes = {a.metadata.get("delta_mode") for a in plan.adapters}
     metadata: dict[str, Any] = {"delta_trl_version": __version__, "merge_method": plan.method.value}

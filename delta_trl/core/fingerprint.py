@@ -1,7 +1,7 @@
 """The identity of a base model θ0: a sha256 over the *content* of every parameter and buffer, never its name.
 
 Task vectors only add up on the θ0 they were trained on, and θ0's curvature is a function of all its weights, so
-both merging (:mod:`delta_trl.merging`) and the curvature cache (:mod:`delta_trl.curvature_cache`) identify the base
+both merging (:mod:`delta_trl.merging.merge`) and the curvature cache (:mod:`delta_trl.curvature.cache`) identify the base
 model by :func:`base_model_fingerprint`. A name such as ``base_model_name_or_path`` is for display only: one
 checkpoint can be called by a Hub id or a local path, and two revisions share one name.
 

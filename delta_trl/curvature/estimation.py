@@ -30,8 +30,10 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from .adapters import scaled_adapters
-from .curvature import (
+from delta_trl.core.adapters import scaled_adapters
+from delta_trl.core.fingerprint import FINGERPRINT_KEY, base_model_fingerprint
+from delta_trl.core.linearize import hidden_states_of
+from delta_trl.curvature.factors import (
     ESTIMATORS,
     CurvatureFactors,
     LayerCurvature,
@@ -40,8 +42,6 @@ from .curvature import (
     linear_base_layer,
     resolve_target_modules,
 )
-from .fingerprint import FINGERPRINT_KEY, base_model_fingerprint
-from .linearize import hidden_states_of
 
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def estimate_curvature(
         model: a transformers causal LM or encoder-decoder model, or a ``PeftModel`` (not wrapped in DDP).
         tokenizer: its tokenizer (needs a pad or eos token).
         reference: a ``datasets.Dataset`` with a text column, or a list of strings.
-        target_modules: see :func:`delta_trl.curvature.resolve_target_modules` (``None``: the LoRA layers).
+        target_modules: see :func:`delta_trl.curvature.factors.resolve_target_modules` (``None``: the LoRA layers).
         text_column: the dataset column with the texts (default ``text``).
         num_samples: how many reference texts to use, from the start (default: all).
         max_length: tokens per text (longer texts are truncated).
@@ -243,7 +243,7 @@ def estimate_curvature(
         progress: show a tqdm bar (main process only).
 
     Returns:
-        :class:`~delta_trl.curvature.CurvatureFactors` whose ``metadata`` records how they were made.
+        :class:`~delta_trl.curvature.factors.CurvatureFactors` whose ``metadata`` records how they were made.
 
     Raises:
         ValueError: bad reference data, unknown target modules, or non-finite statistics.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
 from peft.utils.other import get_pattern_key
 
-from ._utils import read_delta_trl_metadata
+from delta_trl._utils import REPO_ID, read_delta_trl_metadata
 
 
 # A hub repo id is `owner/name`; anything else that is not an existing folder is a missing local path.
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 

@@ -1,15 +1,15 @@
 """Diagnostics of task vectors, as in the paper (Sommariva et al., ICML 2026, arXiv 2605.18993; how to read
 them: docs/MERGING.md §3). Each returns a JSON-ready dict and, given ``output_dir``, writes
-``<name>.json`` and ``<name>.png`` there (figures: :mod:`delta_trl.plots`).
+``<name>.json`` and ``<name>.png`` there (figures: :mod:`delta_trl.evaluation.plots`).
 
 - :func:`disentanglement_error`: ξ(α1, α2) of Ortiz-Jimenez et al. (https://huggingface.co/papers/2305.12827)::
 
       ξ(α1, α2) = Σ_{t∈{1,2}} E_{x∼D_t}[ 1( argmax f(x; θ0 + α_t·τ_t) ≠ argmax f(x; θ0 + α1·τ1 + α2·τ2) ) ]
 
   0 everywhere means adding the other task's vector never changes a prediction (weight disentanglement).
-- :func:`alpha_sweep_report`: normalized accuracy against α from :func:`delta_trl.selection.select_alpha`.
+- :func:`alpha_sweep_report`: normalized accuracy against α from :func:`delta_trl.evaluation.selection.select_alpha`.
 - :func:`negation_report`: target and control accuracy of ``θ0 − α·τ`` against α, from
-  :func:`delta_trl.selection.select_negation_alpha`.
+  :func:`delta_trl.evaluation.selection.select_negation_alpha`.
 - :func:`linearization_error`: for one adapter, over α::
 
       E‖z(x; α) − f_lin(x; α·τ)‖² / E‖z(x; α) − f(x; θ0)‖²,   z(x; α) = f(x; θ0 + α·τ)
@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from . import plots
-from ._utils import write_json
-from .evaluation import ClassificationSet, class_scores, merged_logits
-from .linearize import linearized_forward
-from .losses import IGNORE_INDEX, completion_logps
-from .selection import AlphaSelection, NegationSelection
+from delta_trl._utils import write_json
+from delta_trl.core.linearize import linearized_forward
+from delta_trl.core.losses import IGNORE_INDEX, completion_logps
+from delta_trl.evaluation import plots
+from delta_trl.evaluation.scoring import ClassificationSet, class_scores, merged_logits
+from delta_trl.evaluation.selection import AlphaSelection, NegationSelection
 
 
 Predict = Callable[[Mapping[str, float], str], torch.Tensor]
@@ -140,7 +140,7 @@ def linearization_error(
 ) -> dict[str, Any]:
     """Relative linearization error of ``adapter_name`` along α (module docstring), other adapters at 0.
 
-    ``f_lin`` and ``f(θ0)`` come from one JVP per batch (:func:`delta_trl.linearize.linearized_forward`); ``z`` from
+    ``f_lin`` and ``f(θ0)`` come from one JVP per batch (:func:`delta_trl.core.linearize.linearized_forward`); ``z`` from
     a forward at each α. At α = 0 (0/0) the error is ``None``.
     """
     alphas = [float(a) for a in alphas]
@@ -263,7 +263,7 @@ def greedy_responses(
 ) -> tuple[list[str], list[int]]:
     """Greedy decoding of a causal LM at ``θ0 + Σ α_t τ_t``, one prompt at a time, without a KV cache.
 
-    Every step is a full :func:`delta_trl.evaluation.merged_logits` call, so the same code decodes the linearized
+    Every step is a full :func:`delta_trl.evaluation.scoring.merged_logits` call, so the same code decodes the linearized
     model (a JVP per step) as the ordinary one. Returns the responses and their lengths in tokens.
     """
     eos = tokenizer.eos_token_id

@@ -11,11 +11,17 @@ from peft import PeftModel
 from transformers.modeling_outputs import ModelOutput
 from trl import DPOTrainer
 
-from .adapters import lora_layers, scaled_adapters, unparked
-from .configs import DeltaDPOConfig
-from .linearize import linearized_forward, linearized_loss
-from .losses import completion_logps, delta_objective, dpo_loss, hidden_distillation_loss, supervised_mask
-from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
+from delta_trl.core.adapters import lora_layers, scaled_adapters, unparked
+from delta_trl.core.linearize import linearized_forward, linearized_loss
+from delta_trl.core.losses import (
+    completion_logps,
+    delta_objective,
+    dpo_loss,
+    hidden_distillation_loss,
+    supervised_mask,
+)
+from delta_trl.training.configs import DeltaDPOConfig
+from delta_trl.training.trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
 
 PREFERENCE_COLUMNS = (("chosen", "rejected"), ("prompt_ids", "chosen_ids", "rejected_ids"))

@@ -1,4 +1,4 @@
-"""PNG figures for the diagnostics in :mod:`delta_trl.diagnostics`, readable without the code.
+"""PNG figures for the diagnostics in :mod:`delta_trl.evaluation.diagnostics`, readable without the code.
 
 matplotlib is imported inside each function with the non-interactive Agg backend, so importing delta_trl never needs
 a display or matplotlib itself (it is the optional ``plots`` extra).

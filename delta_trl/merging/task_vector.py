@@ -2,7 +2,7 @@
 
 A :class:`TaskVector` is ``{module: ΔW}`` with ``ΔW = s·B·A`` in ``(out, in)`` layout. ``+``, ``-``, scalar ``*``,
 ``dot`` and ``norm`` act module-wise, and every binary operation **raises** on mismatched modules or shapes instead
-of skipping them. For writing merges to disk use :func:`delta_trl.merging.merge_adapters` (exact low-rank adapter,
+of skipping them. For writing merges to disk use :func:`delta_trl.merging.merge.merge_adapters` (exact low-rank adapter,
 validated, atomic); this class is for analysis and in-memory edits.
 
 A task vector read from an adapter keeps what its ``delta_trl.json`` records: ``evaluate_linearized`` (``linear``
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter_io import load_adapter
-from .fingerprint import FINGERPRINT_KEY, base_model_fingerprint
-from .merging import fold_into_model, is_linearized
+from delta_trl.core.fingerprint import FINGERPRINT_KEY, base_model_fingerprint
+from delta_trl.merging.adapter_io import load_adapter
+from delta_trl.merging.merge import fold_into_model, is_linearized
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TaskVector:
     """Dense task vector ``τ = {module: ΔW}``; ``fan_in_fan_out`` says how it is added to the base weights.
 
     ``evaluate_linearized``: it acts through ``f(θ0) + J·τ`` (``linear`` training mode). ``base_model_sha256``: the
-    content hash of the θ0 it belongs to (:func:`delta_trl.fingerprint.base_model_fingerprint`), if known.
+    content hash of the θ0 it belongs to (:func:`delta_trl.core.fingerprint.base_model_fingerprint`), if known.
     """
 
     deltas: Mapping[str, torch.Tensor]
@@ -38,7 +38,7 @@ class TaskVector:
 
     @classmethod
     def from_adapter(cls, source: str | os.PathLike) -> TaskVector:
-        """``τ = {module: s·B·A}`` of a saved LoRA adapter (validated by :func:`delta_trl.adapter_io.load_adapter`)."""
+        """``τ = {module: s·B·A}`` of a saved LoRA adapter (validated by :func:`delta_trl.merging.adapter_io.load_adapter`)."""
         adapter = load_adapter(source)
         return cls(
             adapter.task_vector(),
@@ -114,7 +114,7 @@ class TaskVector:
         if self.evaluate_linearized:
             raise ValueError(
                 "This task vector was trained in `linear` mode and acts as f(θ0) + J·τ, which weights θ0 + τ cannot "
-                "express; evaluate it linearized (delta_trl.evaluation) instead of folding it."
+                "express; evaluate it linearized (delta_trl.evaluation.scoring) instead of folding it."
             )
         if self.base_model_sha256:
             actual = base_model_fingerprint(model)

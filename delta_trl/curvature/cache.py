@@ -4,7 +4,7 @@ A cache is a folder with two files::
 
     curvature.safetensors   the tensors, keyed ``{module}.{A,G}`` (K-FAC) or ``{module}.{U_A,lambda_A,U_G,lambda_G,D}``
     curvature.json          format version, estimator, base model identity (name and revision for display, and
-                            ``base_model_sha256``: :func:`delta_trl.fingerprint.base_model_fingerprint` of the whole
+                            ``base_model_sha256``: :func:`delta_trl.core.fingerprint.base_model_fingerprint` of the whole
                             θ0), target modules and shapes, reference-data fingerprint, sample and token counts,
                             max_length, dtype, delta_trl version, and the tensor file's size and sha256
 
@@ -31,9 +31,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._utils import atomic_output_dir, check_output_dir, lock_for, sha256_file, write_json
-from .adapter_io import REPO_ID
-from .curvature import (
+from delta_trl._utils import REPO_ID, atomic_output_dir, check_output_dir, lock_for, sha256_file, write_json
+from delta_trl.core.fingerprint import FINGERPRINT_KEY, base_model_fingerprint
+from delta_trl.curvature.factors import (
     ESTIMATORS,
     TENSOR_NAMES,
     CurvatureFactors,
@@ -41,7 +41,6 @@ from .curvature import (
     check_finite,
     resolve_target_modules,
 )
-from .fingerprint import FINGERPRINT_KEY, base_model_fingerprint
 
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def save_curvature(factors: CurvatureFactors, path: str | os.PathLike, overwrite
     Raises:
         ValueError: ``path`` exists and ``overwrite`` is False, or a non-finite factor.
     """
-    from . import __version__
+    from delta_trl import __version__
 
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in factors.layers.items():
@@ -137,10 +136,10 @@ def load_curvature(
     Args:
         path: the cache folder, or a Hub model repo id (``owner/name``) fetched with ``snapshot_download``.
         model: the base model (or a ``PeftModel`` on it) the factors will be used with. Its whole θ0 (every weight
-            and buffer, :func:`~delta_trl.fingerprint.base_model_fingerprint`) must hash to the recorded
+            and buffer, :func:`~delta_trl.core.fingerprint.base_model_fingerprint`) must hash to the recorded
             ``base_model_sha256``.
         target_modules: the modules the factors must cover (see
-            :func:`delta_trl.curvature.resolve_target_modules`; with a model and ``None``, its LoRA layers, if any).
+            :func:`delta_trl.curvature.factors.resolve_target_modules`; with a model and ``None``, its LoRA layers, if any).
             The returned factors are restricted to them; without a model, the names are matched exactly or by
             suffix against the cache's modules.
 
@@ -250,7 +249,7 @@ def load_or_estimate_curvature(
     """θ0's curvature factors for ``model``: from the cache at ``path``, or estimated on ``reference`` and cached.
 
     The cache, if present (a folder or a Hub repo id), is validated against the model (:func:`load_curvature`).
-    Otherwise the factors are estimated (:func:`delta_trl.curvature_estimation.estimate_curvature`); with several
+    Otherwise the factors are estimated (:func:`delta_trl.curvature.estimation.estimate_curvature`); with several
     processes (an ``accelerate.Accelerator`` or an initialised ``torch.distributed``) every process must call this
     function: the reference samples are split across processes and the sums all-reduced, the main process writes the
     cache, and everyone waits for it before returning.
@@ -265,13 +264,13 @@ def load_or_estimate_curvature(
         reference: a ``datasets.Dataset`` or list of texts, needed only when there is no cache.
         tokenizer: the model's tokenizer, needed with ``reference``.
         target_modules, text_column, num_samples, max_length, batch_size, estimator, dtype, seed: see
-            :func:`~delta_trl.curvature_estimation.estimate_curvature`.
+            :func:`~delta_trl.curvature.estimation.estimate_curvature`.
         accelerator: an ``accelerate.Accelerator``, if any (only its process layout is used).
 
     Raises:
         ValueError: no cache and no ``reference``/``tokenizer``, or any check of :func:`load_curvature`.
     """
-    from .curvature_estimation import estimate_curvature
+    from delta_trl.curvature.estimation import estimate_curvature
 
     # DDP / DeepSpeed wrappers prefix module names: hash, resolve and hook the model itself
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
@@ -374,20 +373,3 @@ def _decide_cache_action(path: str | os.PathLike, reference: Any, tokenizer: Any
             raise (ValueError if kind == "ValueError" else RuntimeError)(f"On rank 0: {text}")
         if action != _WAIT:
             return action, lock[0] if deciding and action == _ESTIMATE else None
-
-
-TEXT_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
-
-
-def load_text_dataset(source: str, config: str | None = None, split: str = "train") -> Any:
-    """A reference text set from a json/jsonl/csv/txt file or a Hub dataset id (``datasets.load_dataset``)."""
-    from datasets import load_dataset
-
-    path = Path(source)
-    if path.is_file():
-        if path.suffix not in TEXT_FILE_BUILDERS:
-            raise ValueError(f"{source!r}: unsupported file type {path.suffix!r}; use {sorted(TEXT_FILE_BUILDERS)}.")
-        return load_dataset(TEXT_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    if path.exists():
-        raise ValueError(f"{source!r} is a folder; pass a .jsonl/.json/.csv/.txt file or a Hub dataset id.")
-    return load_dataset(source, config, split=split)

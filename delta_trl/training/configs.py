@@ -8,7 +8,7 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments
 from trl import DPOConfig
 
-from .losses import ALPHA_SAMPLINGS
+from delta_trl.core.losses import ALPHA_SAMPLINGS
 
 
 DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")

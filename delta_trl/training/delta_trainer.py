@@ -9,11 +9,11 @@ from peft import PeftConfig, get_peft_model
 from transformers import Seq2SeqTrainer
 from transformers.modeling_outputs import ModelOutput
 
-from .adapters import unparked
-from .configs import DeltaConfig
-from .linearize import forward_kwargs, hidden_states_of, linearized_forward, linearized_loss
-from .losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
-from .trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
+from delta_trl.core.adapters import unparked
+from delta_trl.core.linearize import forward_kwargs, hidden_states_of, linearized_forward, linearized_loss
+from delta_trl.core.losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
+from delta_trl.training.configs import DeltaConfig
+from delta_trl.training.trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
 
 class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
@@ -27,7 +27,7 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
     - ``curvature_only``: the student's task loss plus ``λ·R(τ_S)``, no teacher.
 
     With ``curvature_weight`` λ > 0, ``delta`` adds ``λ·(R(τ_S) + R(τ_T))``, the EK-FAC GGN penalty of θ0
-    (:mod:`delta_trl.curvature`).
+    (:mod:`delta_trl.curvature.factors`).
 
     Accepts a ``PeftModel`` with a LoRA adapter, or a model plus ``peft_config``; the teacher adapter is created from
     the student's LoRA config. Evaluation reports the student at α = 1.

@@ -23,7 +23,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .adapters import check_linear_lora, lora_layers, scaled_adapters
+from delta_trl.core.adapters import check_linear_lora, lora_layers, scaled_adapters
 
 
 # Attention implementations whose kernels have a forward-mode AD formula (SDPA is forced onto its MATH backend).

@@ -10,8 +10,8 @@ target linear layer ``W`` (``d_out × d_in``) the GGN block is approximated by K
              D = E_n[(U_Gᵀ ∇W_n U_A)²]  (George et al. 2018, https://huggingface.co/papers/1806.03884)
 
 and the LoRA update ``ΔW = s·B·A_l`` (``B``: ``d_out × r``, ``A_l``: ``r × d_in``) is penalised without ever forming
-``ΔW`` in the original basis. The factors are estimated by :mod:`delta_trl.curvature_estimation` and stored by
-:mod:`delta_trl.curvature_cache`; this module holds the types, the pure maths and :func:`curvature_penalty`.
+``ΔW`` in the original basis. The factors are estimated by :mod:`delta_trl.curvature.estimation` and stored by
+:mod:`delta_trl.curvature.cache`; this module holds the types, the pure maths and :func:`curvature_penalty`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 
-from .adapters import check_linear_lora, lora_layers, nominal_scaling
+from delta_trl.core.adapters import check_linear_lora, lora_layers, nominal_scaling
 
 
 ESTIMATORS = ("ekfac", "kfac")
@@ -321,7 +321,7 @@ def curvature_penalty(model: torch.nn.Module, factors: CurvatureFactors, adapter
     """``R(τ) = Σ_layers R_l`` for one LoRA adapter, differentiable with respect to its ``lora_A`` / ``lora_B``.
 
     ``R_l`` is :func:`ekfac_penalty` or :func:`kfac_penalty` of the layer's ``ΔW = s·B·A_l``, where ``s`` is the
-    adapter's nominal scaling (:func:`delta_trl.adapters.nominal_scaling`): the task vector PEFT saves, whatever
+    adapter's nominal scaling (:func:`delta_trl.core.adapters.nominal_scaling`): the task vector PEFT saves, whatever
     scale a running pass has set (α for the student, 0 for the parked teacher).
 
     Args:

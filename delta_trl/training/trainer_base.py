@@ -1,8 +1,8 @@
 """What both DELTA trainers share: the teacher adapter's life cycle, α per step, metrics, saving and resuming.
 
 Only public ``Trainer`` methods are overridden (``save_model``, ``train``); the loss lives in each trainer's
-``compute_loss`` and the mathematics in :mod:`delta_trl.losses`, :mod:`delta_trl.linearize` and
-:mod:`delta_trl.curvature`.
+``compute_loss`` and the mathematics in :mod:`delta_trl.core.losses`, :mod:`delta_trl.core.linearize` and
+:mod:`delta_trl.curvature.factors`.
 """
 
 from __future__ import annotations
@@ -22,21 +22,22 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import __version__
-from ._utils import apply_umask, atomic_write
-from .adapters import (
+from delta_trl import __version__
+from delta_trl._utils import apply_umask, atomic_write
+from delta_trl.core.adapters import (
     activate_student_and_teacher,
     add_teacher_adapter,
     check_linear_lora,
     check_linear_lora_config,
     scaled_adapters,
 )
-from .configs import MODES_WITH_JVP, MODES_WITH_TEACHER, DeltaArguments
-from .curvature import curvature_penalty
-from .curvature_cache import load_or_estimate_curvature, load_text_dataset
-from .fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
-from .linearize import check_hidden_layers, check_input_embeddings_frozen, check_jvp_support
-from .losses import sample_alpha
+from delta_trl.core.fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
+from delta_trl.core.linearize import check_hidden_layers, check_input_embeddings_frozen, check_jvp_support
+from delta_trl.core.losses import sample_alpha
+from delta_trl.curvature.cache import load_or_estimate_curvature
+from delta_trl.curvature.factors import curvature_penalty
+from delta_trl.data import load_text_dataset
+from delta_trl.training.configs import MODES_WITH_JVP, MODES_WITH_TEACHER, DeltaArguments
 
 
 TEACHER_WEIGHTS_NAME = "delta_teacher.safetensors"
