@@ -66,8 +66,14 @@ NOT_RUN: dict[tuple[str, str], str] = {
         "the reader's reference.jsonl with ≥ 10,000 texts, and about 95 minutes of CPU for the EK-FAC estimation; the "
         "penalty runs in docs/CURVATURE.md's Python block"
     ),
-    ("docs/ARCHITECTURE.md", "DeltaTrainerMixin.training_step"): "not code: the call tree of one training step",
-    ("docs/ARCHITECTURE.md", "base model θ0 ──► delta-trl curvature"): "not code: the data flow of one experiment",
+    (
+        "docs/ARCHITECTURE.md",
+        "DeltaTrainerMixin.training_step                                 α = sample_alpha(seed, global_step): one α per",
+    ): "not code: the call tree of one training step",
+    (
+        "docs/ARCHITECTURE.md",
+        "base model θ0 ──► delta-trl curvature (once, optional) ──► curvature cache (fingerprinted by θ0's weights)",
+    ): "not code: the data flow of one experiment",
     ("docs/CURVATURE.md", "# EK-FAC factors of the embedded SmolLM2-135M for LoRA on q_proj / v_proj"): (
         "the reader's c4_sample.jsonl, the Hub dataset allenai/c4, the placeholder org/model and a torchrun launch"
     ),
