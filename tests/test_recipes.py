@@ -31,12 +31,26 @@ def test_main_trains_saves_and_reports(tiny_model_dir, tmp_path):
     script_args, training_args, model_args = _parse(
         "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
         "--num_train_examples", "24", "--num_eval_examples", "8", "--distill_weight", "0.5", "--logging_steps", "1",
+        "--save_eval_split", str(tmp_path / "eval.jsonl"),
     )  # fmt: skip
     assert training_args.delta_mode == "delta"
     results = sft_delta.main(script_args, training_args, model_args)
     assert results["steps"] == 3
-    assert 0.0 <= results["eval_accuracy_task_vector"] <= 1.0
-    assert results["last_logged"]["delta/distill_loss"] >= 0
+    assert results["last_logged"]["delta/distill_loss"] > 0
+    # the reported accuracies are those of the base model and of the saved adapter, loaded by stock PEFT
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out").eval()
+    held_out = Dataset.from_list(rows)
+    assert results["eval_accuracy_task_vector"] == sft_delta.completion_accuracy(
+        loaded, tokenizer, held_out, 1.0, False
+    )
+    assert results["eval_accuracy_base"] == sft_delta.completion_accuracy(loaded, tokenizer, held_out, 0.0, False)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["eval_accuracy_base"] == results["eval_accuracy_base"]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
@@ -102,13 +116,17 @@ def test_logp_preference_accuracy_against_explicit_sums(tiny_tokenizer):
     assert result["mean_margin"] == pytest.approx(sum(margins) / 5, abs=1e-4)
 
 
-def _explicit_base_preference(model_dir, rows):
-    """The base model's preference accuracy with TRL's standard-format tokenization done by hand: the prompt, and
-    prompt + completion + EOS, tokenized whole; the completion starts where both diverge."""
+def _explicit_base_preference(model_dir, rows, adapter=None):
+    """The base model's (or ``adapter``'s, loaded by stock PEFT) preference accuracy with TRL's standard-format
+    tokenization done by hand: the prompt, and prompt + completion + EOS, tokenized whole; the completion starts
+    where both diverge."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
     wins = 0
     with torch.no_grad():
         for row in rows:
@@ -140,7 +158,9 @@ def test_dpo_recipe_trains_and_reports(tiny_model_dir, tmp_path):
     held_out = dpo_delta.load_preferences(script_args, training_args.seed)["test"]
     assert results["logp_preference_base"]["pairs"] == len(held_out) == 2
     assert results["logp_preference_base"]["accuracy"] == _explicit_base_preference(tiny_model_dir, list(held_out))
-    assert 0.0 <= results["logp_preference_task_vector"]["accuracy"] <= 1.0
+    assert results["logp_preference_task_vector"]["accuracy"] == _explicit_base_preference(
+        tiny_model_dir, list(held_out), adapter=tmp_path / "dpo"
+    )
     assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
     saved = json.loads((tmp_path / "dpo" / "results.json").read_text())
     assert saved["logp_preference_base"] == results["logp_preference_base"]

@@ -25,6 +25,7 @@ from delta_trl._utils import read_delta_trl_metadata
 from delta_trl.core.adapters import check_linear_lora, lora_layers, scaled_adapters
 from delta_trl.core.linearize import linearized_forward
 from delta_trl.data import read_records
+from delta_trl.evaluation.metrics import class_accuracy
 
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -60,8 +61,9 @@ class ClassificationSet:
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose highest score is the label: ``mean(argmax_c scores[n, c] == labels[n])``."""
-    return float((scores.argmax(dim=-1).cpu() == labels.cpu()).float().mean())
+    """Fraction of rows whose highest score is the label: ``mean(argmax_c scores[n, c] == labels[n])``, computed by
+    the shipped ``task_accuracy`` metric of 🤗 ``evaluate``."""
+    return class_accuracy(scores.argmax(dim=-1).cpu().tolist(), labels.cpu().tolist())
 
 
 def load_classification_file(
