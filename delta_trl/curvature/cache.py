@@ -1,4 +1,4 @@
-"""The on-disk curvature cache: estimate θ0's factors once, then reuse them for every task and run (METHOD.md §4).
+"""The on-disk curvature cache: estimate θ0's factors once, then reuse them for every task and run (docs/METHOD.md §4).
 
 A cache is a folder with two files::
 

@@ -1,4 +1,4 @@
-"""Estimate K-FAC / EK-FAC factors of the base model's GGN at θ0 on a task-agnostic reference text set (METHOD.md §4).
+"""Estimate K-FAC / EK-FAC factors of the base model's GGN at θ0 on a task-agnostic reference text set (docs/METHOD.md §4).
 
 For each example ``n`` the model's final hidden states ``h_n`` (``T × H``; the decoder's for encoder-decoder models,
 fed ``decoder_input_ids = shift_right(input_ids)``) are contracted with one seeded Gaussian probe ``v_n ~ N(0, I)``

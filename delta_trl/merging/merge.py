@@ -1,4 +1,4 @@
-"""Exact task arithmetic on LoRA adapters, in effective-weight space (METHOD.md §5).
+"""Exact task arithmetic on LoRA adapters, in effective-weight space (docs/METHOD.md §5).
 
 A LoRA adapter ``t`` with scaling ``s_t`` (``lora_alpha/r``, rsLoRA ``lora_alpha/√r``, per module with
 ``rank_pattern``/``alpha_pattern``) defines the task vector ``τ_t = {ΔW_t = s_t·B_t·A_t}`` per target module.
