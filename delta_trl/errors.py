@@ -308,3 +308,14 @@ def model_skeleton(
             seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         with torch.device("meta"):
             return (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config)
+
+
+def parse_recipe_arguments(parser: Any, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """``parser.parse_args_and_config(argv)`` (a ``TrlParser``) whose errors are :class:`UserError`."""
+    import warnings
+
+    with user_errors(), warnings.catch_warnings():
+        # transformers warns about the deprecated `gradient_checkpointing` alias that configs set themselves (TRL's
+        # DPOConfig always does): nothing the user can act on, and it would bury a one-line error
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+        return tuple(parser.parse_args_and_config(argv))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from delta_trl.errors import (
     model_skeleton,
     new_folder_removed_on_error,
     one_line_errors,
+    parse_recipe_arguments,
     run_cli,
     user_errors,
 )
@@ -213,11 +213,7 @@ def make_parser() -> TrlParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, DeltaDPOConfig, ModelConfig]:
     """Parse the command line and ``--config``; a value that cannot work raises :class:`UserError` here."""
-    with user_errors(), warnings.catch_warnings():
-        # transformers warns about the deprecated `gradient_checkpointing` alias that configs set themselves (TRL's
-        # DPOConfig always does): nothing the user can act on, and it would bury a one-line error
-        warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
-        script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    script_args, training_args, model_args = parse_recipe_arguments(make_parser(), argv)
     check_args(script_args, training_args, model_args)
     return script_args, training_args, model_args
 
