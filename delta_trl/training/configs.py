@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments
-from trl import DPOConfig
+from trl import DPOConfig, SFTConfig
 
 from delta_trl.core.losses import ALPHA_SAMPLINGS
 
@@ -235,4 +235,56 @@ def check_delta_dpo_options(config: DeltaDPOConfig) -> None:
 DeltaDPOConfig.__doc__ = (
     "`trl.DPOConfig` plus the DELTA fields, for :class:`delta_trl.DeltaDPOTrainer`. In the DELTA modes the DPO loss is "
     "sigmoid DPO against the base model (the linearized teacher's primal).\n\n" + fields_docstring(DeltaArguments)
+)
+
+
+@dataclass
+class DeltaSFTConfig(SFTConfig, DeltaArguments):
+    def __post_init__(self) -> None:
+        self.validate_delta_fields()
+        super().__post_init__()
+        if self.delta_mode != "nonlinear":
+            check_delta_sft_options(self)
+        check_delta_training_arguments(self)
+
+
+def check_delta_sft_options(config: DeltaSFTConfig) -> None:
+    """Raise on an SFTConfig option the DELTA modes cannot honour. ``completion_only_loss`` and ``assistant_only_loss``
+    are supported: they only set which labels are -100, and the supervised positions are ``labels != -100``."""
+    unpadded = (
+        "sequences concatenated without padding or an attention mask need flash-attention's variable-length kernels, "
+        "and flash-attention has no forward-mode AD for the linearized teacher"
+    )
+    packed = (
+        "packed documents are kept apart only by flash-attention's variable-length kernels (TRL's `bfd` packing is "
+        "padding-free), which have no forward-mode AD for the linearized teacher; without them they would attend "
+        "across their boundaries"
+    )
+    refused = {
+        "packing": (config.packing, False, packed),
+        "eval_packing": (bool(config.eval_packing), False, packed),
+        "padding_free": (config.padding_free, False, unpadded),
+        "loss_type": (
+            config.loss_type,
+            "nll",
+            "the DELTA loss is token cross-entropy for the student and the linearized teacher (no DFT weighting)",
+        ),
+        "label_smoothing_factor": (
+            config.label_smoothing_factor,
+            0.0,
+            "the DELTA modes compute their token-level losses themselves, without label smoothing",
+        ),
+    }
+    for name, (value, expected, why) in refused.items():
+        if value != expected:
+            raise ValueError(
+                f"{name}={value!r} is not supported with delta_mode={config.delta_mode!r}: {why}. Set "
+                f"{name}={expected!r}, or use delta_mode='nonlinear' (TRL's SFTTrainer unchanged)."
+            )
+
+
+DeltaSFTConfig.__doc__ = (
+    "`trl.SFTConfig` plus the DELTA fields, for :class:`delta_trl.DeltaSFTTrainer`. In the DELTA modes the loss is "
+    "token cross-entropy on the labels TRL builds (`completion_only_loss`, `assistant_only_loss`); packing, "
+    "padding-free batches and `loss_type='dft'` are refused.\n\n" + fields_docstring(DeltaArguments)
 )

@@ -7,11 +7,7 @@ from typing import Any
 import torch
 from peft import PeftConfig, get_peft_model
 from transformers import Seq2SeqTrainer
-from transformers.modeling_outputs import ModelOutput
 
-from delta_trl.core.adapters import unparked
-from delta_trl.core.linearize import forward_kwargs, hidden_states_of, linearized_forward, linearized_loss
-from delta_trl.core.losses import delta_objective, hidden_distillation_loss, supervised_mask, token_cross_entropy
 from delta_trl.training.configs import DeltaConfig
 from delta_trl.training.trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
@@ -74,83 +70,7 @@ class DeltaTrainer(DeltaTrainerMixin, Seq2SeqTrainer):
         args: DeltaConfig = self.args
         if args.delta_mode == "nonlinear":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if "labels" not in inputs:
-            raise ValueError(
-                "DeltaTrainer needs `labels` in every batch (the teacher's loss and the distillation "
-                "positions come from them)."
-            )
-        training = model.training
-        # α only matters on the student-teacher path: linear fine-tuning trains f_lin(θ0 + τ) itself.
-        alpha = self._current_alpha() if training and self._teacher_name else 1.0
-        unwrapped = self.accelerator.unwrap_model(model)
-        labels = inputs["labels"]
-        shift = not self._is_encoder_decoder
-        num_items, scale = self._loss_normalisation(num_items_in_batch)
-        mask = supervised_mask(labels, shift=shift)
-
-        def as_mean(term: torch.Tensor) -> torch.Tensor:  # the per-token value of a term, for logging
-            return term.detach() / scale * (num_items / mask.sum() if num_items is not None else 1)
-
-        def task_loss_of(logits: torch.Tensor) -> torch.Tensor:
-            return token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
-
-        if args.delta_mode == "linear":
-            linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
-            # through the wrapped model: no other forward of this step goes through DDP, which reduces gradients
-            loss = linearized_loss(
-                unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha, forward_model=model
-            )
-            logits = linearized.logits(alpha)
-            self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
-            return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
-
-        student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
-        with self._student_at(unwrapped, alpha):
-            outputs = model(**student_kwargs)
-        task_loss = task_loss_of(outputs.logits)
-        if not training:
-            self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
-            return (task_loss, outputs) if return_outputs else task_loss
-
-        metrics: dict[str, Any] = {}
-        distill_loss = teacher_loss = None
-        if self._teacher_name:
-            with unparked(unwrapped, self._teacher_name):
-                linearized = linearized_forward(
-                    unwrapped, inputs, self._teacher_name, args.distill_layers, differentiable=False
-                )
-                teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
-            student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
-            distill_loss = scale * sum(
-                hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
-                for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
-            )
-            metrics |= {
-                "delta/alpha": alpha,
-                "delta/task_loss_at_alpha": as_mean(task_loss),
-                "delta/teacher_loss": as_mean(teacher_loss),
-                "delta/distill_loss": as_mean(distill_loss),
-            }
-            if not args.task_loss_at_alpha and alpha != 1.0:
-                with self._student_at(unwrapped, 1.0):
-                    task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
-        penalty = self._curvature_penalty(unwrapped)
-        accumulation = 1
-        if penalty is not None:
-            metrics["delta/curvature_penalty"] = penalty
-            if self.loss_is_scaled_for_ga:  # R is per optimizer step: the Trainer will not divide it, so we do
-                accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
-        loss = delta_objective(
-            task_loss,
-            distill_loss=distill_loss,
-            teacher_loss=teacher_loss,
-            curvature_penalty=penalty,
-            distill_weight=args.distill_weight,
-            teacher_loss_weight=args.teacher_loss_weight,
-            curvature_weight=args.curvature_weight / accumulation,
-        )
-        metrics["delta/task_loss"] = as_mean(task_loss)
-        self._record_metrics(training, metrics)
+        loss, outputs = self._delta_token_loss(model, inputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

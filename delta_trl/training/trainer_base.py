@@ -1,7 +1,8 @@
 """What both DELTA trainers share: the teacher adapter's life cycle, α per step, metrics, saving and resuming.
 
-Only public ``Trainer`` methods are overridden (``save_model``, ``train``); the loss lives in each trainer's
-``compute_loss`` and the mathematics in :mod:`delta_trl.core.losses`, :mod:`delta_trl.core.linearize` and
+Only public ``Trainer`` methods are overridden (``save_model``, ``train``); each trainer's ``compute_loss`` picks the
+loss: the token-level DELTA loss shared by the SFT trainers (``DeltaTrainerMixin._delta_token_loss``), DPO's own in
+``DeltaDPOTrainer``. The mathematics is in :mod:`delta_trl.core.losses`, :mod:`delta_trl.core.linearize` and
 :mod:`delta_trl.curvature.factors`.
 """
 
@@ -20,6 +21,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from transformers.modeling_outputs import ModelOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from delta_trl import __version__
@@ -30,10 +32,25 @@ from delta_trl.core.adapters import (
     check_linear_lora,
     check_linear_lora_config,
     scaled_adapters,
+    unparked,
 )
 from delta_trl.core.fingerprint import DTYPE_KEY, FINGERPRINT_KEY, base_model_dtype, base_model_fingerprint
-from delta_trl.core.linearize import check_hidden_layers, check_input_embeddings_frozen, check_jvp_support
-from delta_trl.core.losses import sample_alpha
+from delta_trl.core.linearize import (
+    check_hidden_layers,
+    check_input_embeddings_frozen,
+    check_jvp_support,
+    forward_kwargs,
+    hidden_states_of,
+    linearized_forward,
+    linearized_loss,
+)
+from delta_trl.core.losses import (
+    delta_objective,
+    hidden_distillation_loss,
+    sample_alpha,
+    supervised_mask,
+    token_cross_entropy,
+)
 from delta_trl.curvature.cache import load_or_estimate_curvature
 from delta_trl.curvature.factors import curvature_penalty
 from delta_trl.data import load_text_dataset
@@ -244,6 +261,100 @@ class DeltaTrainerMixin:
             return None, 1
         scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         return num_items_in_batch, scale
+
+    # ---- the token-level DELTA loss (labels with -100 on unsupervised positions) -----------------------------------
+
+    _is_encoder_decoder = False  # `DeltaTrainer` sets it from the model; TRL's SFT trainer is causal only
+
+    def _delta_token_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor, Any]:
+        """``(loss, outputs)`` of the DELTA modes for a batch of model inputs plus ``labels`` (docs/METHOD.md §3).
+
+        ``delta`` / ``kd_only``: ``L_S(α) + γ·L_KD(α) + β_T·L_T(α)`` (+ ``λ·R``); ``linear``: ``L_T`` of the adapter
+        alone; ``curvature_only``: ``L_S + λ·R(τ_S)``. The supervised positions are ``labels != -100``. ``inputs``
+        must hold model kwargs only (besides ``labels``): they go to the student's forward and to the JVP.
+        ``outputs`` has the logits (the student's, or the linearized model's in ``linear`` mode).
+        """
+        args = self.args
+        if "labels" not in inputs:
+            raise ValueError(
+                f"{type(self).__name__} needs `labels` in every batch (the teacher's loss and the distillation "
+                "positions come from them)."
+            )
+        training = model.training
+        # α only matters on the student-teacher path: linear fine-tuning trains f_lin(θ0 + τ) itself.
+        alpha = self._current_alpha() if training and self._teacher_name else 1.0
+        unwrapped = self.accelerator.unwrap_model(model)
+        labels = inputs["labels"]
+        shift = not self._is_encoder_decoder
+        num_items, scale = self._loss_normalisation(num_items_in_batch)
+        mask = supervised_mask(labels, shift=shift)
+
+        def as_mean(term: torch.Tensor) -> torch.Tensor:  # the per-token value of a term, for logging
+            return term.detach() / scale * (num_items / mask.sum() if num_items is not None else 1)
+
+        def task_loss_of(logits: torch.Tensor) -> torch.Tensor:
+            return token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
+
+        if args.delta_mode == "linear":
+            linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
+            # through the wrapped model: no other forward of this step goes through DDP, which reduces gradients
+            loss = linearized_loss(
+                unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha, forward_model=model
+            )
+            logits = linearized.logits(alpha)
+            self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
+            return loss, ModelOutput(loss=loss, logits=logits)
+
+        student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
+        with self._student_at(unwrapped, alpha):
+            outputs = model(**student_kwargs)
+        task_loss = task_loss_of(outputs.logits)
+        if not training:
+            self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
+            return task_loss, outputs
+
+        metrics: dict[str, Any] = {}
+        distill_loss = teacher_loss = None
+        if self._teacher_name:
+            with unparked(unwrapped, self._teacher_name):
+                linearized = linearized_forward(
+                    unwrapped, inputs, self._teacher_name, args.distill_layers, differentiable=False
+                )
+                teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
+            student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
+            distill_loss = scale * sum(
+                hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
+                for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
+            )
+            metrics |= {
+                "delta/alpha": alpha,
+                "delta/task_loss_at_alpha": as_mean(task_loss),
+                "delta/teacher_loss": as_mean(teacher_loss),
+                "delta/distill_loss": as_mean(distill_loss),
+            }
+            if not args.task_loss_at_alpha and alpha != 1.0:
+                with self._student_at(unwrapped, 1.0):
+                    task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
+        penalty = self._curvature_penalty(unwrapped)
+        accumulation = 1
+        if penalty is not None:
+            metrics["delta/curvature_penalty"] = penalty
+            if self.loss_is_scaled_for_ga:  # R is per optimizer step: the Trainer will not divide it, so we do
+                accumulation = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+        loss = delta_objective(
+            task_loss,
+            distill_loss=distill_loss,
+            teacher_loss=teacher_loss,
+            curvature_penalty=penalty,
+            distill_weight=args.distill_weight,
+            teacher_loss_weight=args.teacher_loss_weight,
+            curvature_weight=args.curvature_weight / accumulation,
+        )
+        metrics["delta/task_loss"] = as_mean(task_loss)
+        self._record_metrics(training, metrics)
+        return loss, outputs
 
     # ---- metrics, the TRL way (averaged and cleared in `log`) ------------------------------------------------------------------------------------
 
