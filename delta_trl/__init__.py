@@ -47,8 +47,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "delta_trl.embedded": ("load_model_and_tokenizer", "prepare_embedded_model"),
     "delta_trl.merging.merge": ("merge_adapters",),
     "delta_trl.merging.task_vector": ("TaskVector",),
-    "delta_trl.training.configs": ("DeltaArguments", "DeltaConfig", "DeltaDPOConfig"),
+    "delta_trl.training.configs": ("DeltaArguments", "DeltaConfig", "DeltaDPOConfig", "DeltaSFTConfig"),
     "delta_trl.training.delta_dpo_trainer": ("DeltaDPOTrainer",),
+    "delta_trl.training.delta_sft_trainer": ("DeltaSFTTrainer",),
     "delta_trl.training.delta_trainer": ("DeltaTrainer",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -96,6 +97,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from delta_trl.embedded import load_model_and_tokenizer, prepare_embedded_model
     from delta_trl.merging.merge import merge_adapters
     from delta_trl.merging.task_vector import TaskVector
-    from delta_trl.training.configs import DeltaArguments, DeltaConfig, DeltaDPOConfig
+    from delta_trl.training.configs import DeltaArguments, DeltaConfig, DeltaDPOConfig, DeltaSFTConfig
     from delta_trl.training.delta_dpo_trainer import DeltaDPOTrainer
+    from delta_trl.training.delta_sft_trainer import DeltaSFTTrainer
     from delta_trl.training.delta_trainer import DeltaTrainer

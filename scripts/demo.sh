@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then train one DELTA task vector on the embedded SmolLM2-135M-Instruct (CPU, offline, a few minutes).
+# Set up, then train one DELTA task vector on the embedded SmolLM2-135M-Instruct (CPU, offline; about 2 minutes of training on 2 CPU cores, measured 2026-11-23).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
