@@ -53,6 +53,13 @@ NOT_RUN: dict[tuple[str, str], str] = {
     "`train`, `val` and `tokenizer`",
     (
         "README.md",
+        "from delta_trl import DeltaSFTConfig, DeltaSFTTrainer  # was: from trl import SFTConfig, SFTTrainer",
+    ): (
+        "a fragment: `model`, `dataset`, `tokenizer` and `LoraConfig` are the reader's; the same script with tiny "
+        "models runs in test_delta_sft_trainer.py::test_a_stock_trl_script_with_only_the_import_changed_runs"
+    ),
+    (
+        "README.md",
         "from delta_trl import DeltaDPOConfig, DeltaDPOTrainer  # was: from trl import DPOConfig, DPOTrainer",
     ): ("a fragment: `model`, `preferences` and `tokenizer` are the reader's"),
     (
