@@ -105,8 +105,10 @@ def check_not_quantized(model: Any, mode: str) -> None:
         or getattr(model, "is_loaded_in_4bit", False)
         or getattr(model, "is_loaded_in_8bit", False)
     ):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        method = method or getattr(quantization, "quant_method", None) or "k-bit"
         raise ValueError(
-            f"The base model is quantized ({type(quantization).__name__ if quantization is not None else 'k-bit'}); "
+            f"The base model is quantized ({getattr(method, 'value', method)}); "
             f"quantized layers have no forward-mode AD, so delta_mode={mode!r} cannot linearize it. Load the base "
             "model in bf16/fp32, or use delta_mode='nonlinear' (plain QLoRA)."
         )
