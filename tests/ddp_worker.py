@@ -1,6 +1,6 @@
 """Worker for test_distributed.py: one SGD step of a DELTA trainer in every mode; every rank saves its LoRA weights.
 
-Usage: ddp_worker.py {sft,dpo} OUTPUT_DIR PER_DEVICE_BATCH REFERENCE_TEXT_FILE
+Usage: ddp_worker.py {seq2seq,sft,dpo} OUTPUT_DIR PER_DEVICE_BATCH REFERENCE_TEXT_FILE
 """
 
 import sys
@@ -16,7 +16,7 @@ from transformers import DataCollatorForSeq2Seq
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import addition_rows, delta_config, make_llama, make_tokenizer  # noqa: E402
 
-from delta_trl import DeltaDPOConfig, DeltaDPOTrainer, DeltaTrainer  # noqa: E402
+from delta_trl import DeltaDPOConfig, DeltaDPOTrainer, DeltaSFTConfig, DeltaSFTTrainer, DeltaTrainer  # noqa: E402
 
 
 MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")
@@ -40,7 +40,16 @@ def build(kind: str, mode: str, output: Path, per_device_batch: int, reference: 
         common |= {"curvature_weight": 3.0, "curvature_path": str(output / "curvature"), "curvature_dataset": reference,
                    "curvature_num_samples": 8, "curvature_max_length": 16}  # fmt: skip
     torch.manual_seed(0)
-    if kind == "sft":
+    if kind == "sft":  # TRL's SFTTrainer on prompt-completion data, tokenized by TRL
+        rows = [{"prompt": f"What is {i % 7} + {i % 5}?", "completion": f" {i % 7 + i % 5}"} for i in range(4)]
+        return DeltaSFTTrainer(
+            model=make_llama(),
+            args=DeltaSFTConfig(**common, bf16=False, gradient_checkpointing=False, max_length=32),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(**LORA),
+        )
+    if kind == "seq2seq":  # DeltaTrainer (Seq2SeqTrainer) on hand-tokenized causal-LM rows
         common.pop("output_dir")
         return DeltaTrainer(
             model=make_llama(),

@@ -1,5 +1,5 @@
 """Two CPU processes (DDP over gloo) take the same optimizer step as one process with the whole batch, in every mode
-of both trainers, and the two ranks end with the same weights."""
+of the three trainers, and the two ranks end with the same weights."""
 
 import os
 import socket
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("kind", ["seq2seq", "sft", "dpo"])
 def test_ddp_two_processes_equal_one_process_in_every_mode(kind, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     worker = str(ROOT / "tests" / "ddp_worker.py")

@@ -86,6 +86,32 @@ def test_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(kind, tiny_
     _assert_same_updates(weights[True], weights[False], initial)
 
 
+def test_trl_sft_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_tokenizer, tmp_path):
+    from delta_trl import DeltaSFTConfig, DeltaSFTTrainer
+
+    rows = [{"prompt": f"What is {i % 7} + {i % 5}?", "completion": f" {i % 7 + i % 5}"} for i in range(4)]
+    weights, alphas = {}, {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(make_llama(), _lora("llama"))
+        _randomize_students(model)
+        trainer = DeltaSFTTrainer(
+            model=model,
+            args=DeltaSFTConfig(output_dir=str(tmp_path / str(checkpointing)), use_cpu=True, bf16=False,
+                                report_to="none", max_steps=1, per_device_train_batch_size=4, max_length=32,
+                                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+                                alpha_sampling="uniform", gradient_checkpointing=checkpointing, **ONE_SGD_STEP),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer,
+        )  # fmt: skip
+        initial = _lora_weights(trainer)
+        trainer.train()
+        weights[checkpointing], alphas[checkpointing] = _lora_weights(trainer), _alphas(trainer)
+    assert alphas[True] == alphas[False]
+    assert abs(alphas[True][0] - 1) > 0.1
+    _assert_same_updates(weights[True], weights[False], initial)
+
+
 def test_dpo_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_tokenizer, tmp_path):
     weights, alphas = {}, {}
     for checkpointing in (False, True):
