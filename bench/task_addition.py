@@ -5,7 +5,7 @@
 
 Two synthetic tagging tasks the base model cannot know: reviews tagged " sunny"/" rainy" by sentiment (the recipe's
 built-in task) and objects tagged " meadow"/" highway" (animal or vehicle). For each `delta_mode`, it trains both with
-`recipes/sft_delta.py` and runs `delta-trl evaluate` on θ0 + α(τ_a + τ_b), then prints the mean normalized accuracy
+`delta-trl sft` (recipes/sft_delta.py) and runs `delta-trl evaluate` on θ0 + α(τ_a + τ_b), then prints the mean normalized accuracy
 at α = 1 and at the best α. A small, synthetic check of the whole pipeline, not a reproduction of the paper's tables.
 """
 
@@ -48,8 +48,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def make_tasks(folder: Path, n_train: int = 320, n_val: int = 80) -> None:
-    sys.path.insert(0, str(ROOT))
-    from recipes.sft_delta import builtin_sentiment
+    from delta_trl.scripts.sft import builtin_sentiment
 
     reviews = [dict(r) for r in builtin_sentiment(n_train + n_val, seed=1)]
     rng = random.Random(2)
@@ -79,8 +78,8 @@ def main(args: argparse.Namespace) -> dict:
     for mode in args.modes:
         for task in ("a", "b"):
             print(f"training {mode} / task {task} ...", flush=True)
-            subprocess.run([sys.executable, str(ROOT / "recipes" / "sft_delta.py"), "--config", args.config,
-                            "--dataset", str(folder / f"{task}_train.jsonl"), "--delta_mode", mode,
+            subprocess.run([sys.executable, "-m", "delta_trl.cli", "sft", "--config", args.config,
+                            "--dataset_name", str(folder / f"{task}_train.jsonl"), "--delta_mode", mode,
                             "--max_steps", str(args.steps), "--output_dir", str(folder / f"{mode}_{task}"),
                             "--model_name_or_path", args.model,
                             "--disable_tqdm", "true"], check=True, capture_output=True)  # fmt: skip

@@ -1,6 +1,8 @@
 """``delta-trl`` command line: one sub-command per module in :mod:`delta_trl.commands`.
 
-Each command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``. A user
+Each command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``; ``sft``
+and ``dpo`` hand the rest of the command line to the training scripts (:mod:`delta_trl.scripts`), as ``trl sft`` and
+``trl dpo`` do to TRL's. A user
 error (bad flag, missing or damaged file, unreachable Hub id, existing output) is one ``error:`` line on stderr and
 exit status 2; ``--debug`` or ``DELTA_TRL_DEBUG=1`` shows the traceback (:mod:`delta_trl.errors`).
 """
@@ -20,13 +22,15 @@ COMMANDS: dict[str, str] = {
     "merge": "delta_trl.commands.merge",
     "evaluate": "delta_trl.commands.evaluate",
     "curvature": "delta_trl.commands.curvature",
+    "sft": "delta_trl.commands.sft",
+    "dpo": "delta_trl.commands.dpo",
 }
 
 
 def make_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         prog="delta-trl",
-        description="DELTA task vectors: train (see recipes/), precompute curvature, merge and evaluate LoRA adapters.",
+        description="DELTA task vectors: train (sft, dpo), precompute curvature, merge and evaluate LoRA adapters.",
     )
     parser.add_argument(
         "--debug", action="store_true", help=f"on an error, show the full traceback (also {DEBUG_ENV}=1)"
@@ -40,7 +44,12 @@ def make_parser() -> OneLineArgumentParser:
 
 
 def _main(argv: list[str]) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "_forwards", False):  # sft, dpo: the script parses everything after the command name
+        args.script_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args._run(args) or 0)
 
 

@@ -85,14 +85,22 @@ def looks_like_file(source: str) -> bool:
 
 
 def load_rows(
-    source: str, flag: str, columns: Mapping[str, tuple[type, ...]], hint: str
+    source: str,
+    flag: str,
+    columns: Mapping[str, tuple[type, ...]],
+    hint: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
 ) -> Any:  # datasets.DatasetDict
     """A local ``.jsonl``/``.json``/``.csv`` file or a Hub dataset, as a ``DatasetDict``, with its columns checked.
 
     Args:
-        source: the file or Hub id; ``flag`` names it in messages (``"--dataset"``).
+        source: the file or Hub id; ``flag`` names it in messages (``"--dataset_name"``).
         columns: the required columns and the Python types each value may have (``{"prompt": (str,)}``).
         hint: the format to give, appended to a missing-column message.
+        config: the Hub dataset's configuration (``datasets.load_dataset(source, config)``).
+        split: the split whose columns are checked; a local file is that one split.
 
     Raises:
         FileNotFoundError, ValueError: a message naming the file and, for a bad row, its line.
@@ -113,20 +121,22 @@ def load_rows(
                     wanted = " or ".join("string" if k is str else "list of messages" for k in kinds)
                     raise ValueError(f"{where}: `{name}` is a {type(row[name]).__name__}, not a {wanted}. {hint}")
         try:
-            return DatasetDict({"train": Dataset.from_list([row for _, row in rows])})
+            return DatasetDict({split: Dataset.from_list([row for _, row in rows])})
         except Exception as err:  # pyarrow cannot type a column whose rows disagree
             raise ValueError(f"{source}: the rows do not share one schema ({one_line(err)}).") from err
     try:
-        data = load_dataset(source)
+        data = load_dataset(source, config)
     except Exception as err:  # offline, unknown id, no access, bad config: all mean "cannot load this id"
         raise UserError(
             f"{flag} {source}: no such local file, and loading it as a Hub dataset failed ({type(err).__name__}: "
             f"{one_line(err)}). Give a {'/'.join(RECORD_FILE_TYPES)} file, or check the id and the network "
             "(HF_HUB_OFFLINE=1 blocks downloads)."
         ) from err
-    missing = sorted(set(columns) - set(data["train"].column_names))
+    if split not in data:
+        raise ValueError(f"{source} has no split {split!r}; its splits are {sorted(data)}.")
+    missing = sorted(set(columns) - set(data[split].column_names))
     if missing:
-        raise ValueError(f"{source} lacks the column(s) {missing}; it has {data['train'].column_names}. {hint}")
+        raise ValueError(f"{source} lacks the column(s) {missing}; it has {data[split].column_names}. {hint}")
     return data
 
 

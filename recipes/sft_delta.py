@@ -1,242 +1,37 @@
-"""Train one task vector with DELTA on a prompt/completion dataset and report what it learned.
+"""`python recipes/sft_delta.py ARGS` = `delta-trl sft ARGS`: the script is :mod:`delta_trl.scripts.sft`.
 
-The default runs offline on a CPU: the embedded SmolLM2-135M-Instruct and a built-in sentiment task (templated reviews
-tagged " sunny" if positive, " rainy" if negative: a mapping the base model cannot know), LoRA r=8 on q/v, 30 optimizer
-steps (95 s of training, about 2 minutes in all on 2 CPU cores, measured 2026-11-23). It prints held-out
-accuracy of the base model and of the task vector.
-
-Single process (CPU or one GPU):
     python recipes/sft_delta.py --config recipes/configs/sft_delta.yaml
-One or many GPUs:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/sft_delta.py \
         --config recipes/configs/sft_delta.yaml --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct
-Your data (json/jsonl/csv with `prompt` and `completion` columns, or a Hub dataset id):
-    python recipes/sft_delta.py --config recipes/configs/sft_delta.yaml --dataset my_task.jsonl
-Plain LoRA fine-tuning through the same code path: `--delta_mode nonlinear`. With `--push_to_hub --hub_model_id
-owner/name` the adapter is uploaded with a model card after training (never before: a failed upload leaves the trained
-adapter in place and ends with one `error:` line). A wrong flag, file or model ends with one `error:` line and exit
-status 2; `--debug` (or DELTA_TRL_DEBUG=1) shows the traceback.
 """
 
-from __future__ import annotations
-
-import json
-import random
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-from datasets import Dataset, DatasetDict
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
-from trl import ModelConfig, TrlParser
-
-from delta_trl import DeltaConfig, DeltaTrainer, load_model_and_tokenizer
-from delta_trl._utils import atomic_write, check_run_output_dir, lora_config_from
-from delta_trl.data import load_rows
-from delta_trl.errors import (
-    UserError,
-    check_lora_arguments,
-    check_lora_targets,
-    check_model_source,
-    check_positive,
-    check_training_arguments,
-    model_skeleton,
-    new_folder_removed_on_error,
-    one_line_errors,
-    parse_recipe_arguments,
-    run_cli,
-    user_errors,
+from delta_trl.errors import run_cli
+from delta_trl.scripts.sft import (
+    ScriptArguments,
+    builtin_sentiment,
+    check_args,
+    cli,
+    completion_accuracy,
+    load_task,
+    main,
+    make_parser,
+    parse_args,
 )
-from delta_trl.evaluation.scoring import ClassificationSet, accuracy, class_scores
-from delta_trl.hub import check_hub_arguments, push_after_training
 
 
-POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming", "superb", "touching", "fun"]
-NEGATIVE = ["awful", "boring", "dreadful", "tedious", "clumsy", "dull", "painful", "terrible", "bland"]
-SUBJECTS = ["The movie", "This film", "The acting", "The plot", "The ending", "The soundtrack", "The story"]
-TEMPLATES = ["{s} was {a}.", "{s} felt {a} to me.", "Honestly, {s_lower} was {a}.", "{s} is {a} from start to end."]
-
-
-@dataclass
-class ScriptArguments:
-    dataset: str = field(
-        default="builtin:sentiment",
-        metadata={
-            "help": "`builtin:sentiment`, a json/jsonl/csv file or a Hub dataset id with `prompt` and "
-            "`completion` columns."
-        },
-    )
-    num_train_examples: int = field(default=320, metadata={"help": "Examples generated for the built-in task."})
-    num_eval_examples: int = field(default=64, metadata={"help": "Held-out examples for accuracy."})
-    max_length: int = field(default=128, metadata={"help": "Truncate prompt + completion to this many tokens."})
-    overwrite_output: bool = field(
-        default=False,
-        metadata={"help": "Allow writing into a non-empty output_dir (nothing is overwritten otherwise)."},
-    )
-    save_eval_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Also write the held-out rows (`prompt`, `completion`) to this new .jsonl file, e.g. for "
-            "`delta-trl evaluate --text-column prompt --label-column completion --label-prefix ''`."
-        },
-    )
-
-
-def builtin_sentiment(n: int, seed: int) -> Dataset:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.random() < 0.5
-        subject, adjective = rng.choice(SUBJECTS), rng.choice(POSITIVE if label else NEGATIVE)
-        review = rng.choice(TEMPLATES).format(s=subject, s_lower=subject.lower(), a=adjective)
-        # Arbitrary tag words: the base model cannot know the mapping, so the task vector has something to learn.
-        rows.append({"prompt": f"Review: {review}\nTag:", "completion": " sunny" if label else " rainy"})
-    return Dataset.from_list(rows)
-
-
-def load_task(args: ScriptArguments, seed: int) -> DatasetDict:
-    if args.dataset == "builtin:sentiment":
-        data = builtin_sentiment(args.num_train_examples + args.num_eval_examples, seed)
-        return data.train_test_split(test_size=args.num_eval_examples, seed=seed, shuffle=False)
-    data = load_rows(args.dataset, "--dataset", {"prompt": (str,), "completion": (str,)},
-                     "Provide TRL's prompt-completion format: one `prompt` and one `completion` string per row.")  # fmt: skip
-    if "test" not in data:
-        if len(data["train"]) < 2:
-            raise UserError(f"--dataset {args.dataset}: {len(data['train'])} row; give at least 2 (one is held out).")
-        data = data["train"].train_test_split(
-            test_size=max(1, min(args.num_eval_examples, len(data["train"]) // 5)), seed=seed
-        )
-    return data
-
-
-def tokenize(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
-    prompt = tokenizer(row["prompt"], add_special_tokens=False).input_ids
-    completion = tokenizer(row["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    ids = (prompt + completion)[:max_length]
-    labels = ([-100] * len(prompt) + completion)[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def completion_accuracy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Dataset, alpha: float, linearized: bool
-) -> float:
-    """Share of rows whose completion is the most likely of the task's distinct completions (label words), for the
-    model at θ0 + α·τ (linearized for a `linear`-mode adapter)."""
-    words = sorted(set(data["completion"]))
-    split = ClassificationSet(list(data["prompt"]), [words.index(c) for c in data["completion"]], words)
-    scores = class_scores(model, tokenizer, split, {model.active_adapter: alpha}, linearized=linearized)
-    return accuracy(scores, torch.tensor(split.labels))
-
-
-def check_args(script_args: ScriptArguments, training_args: DeltaConfig, model_args: ModelConfig) -> None:
-    """Refuse, before any work, values with which the run cannot work (raises :class:`UserError`)."""
-    check_training_arguments(training_args)
-    check_lora_arguments(model_args)
-    check_positive({"--num_train_examples": script_args.num_train_examples,
-                    "--num_eval_examples": script_args.num_eval_examples, "--max_length": script_args.max_length})  # fmt: skip
-    check_model_source(model_args.model_name_or_path, "--model_name_or_path")
-    check_hub_arguments(training_args, model_args)
-    split = script_args.save_eval_split
-    if split is not None:
-        if not split.endswith(".jsonl"):
-            raise UserError(f"--save_eval_split {split}: give a .jsonl file name.")
-        if Path(split).exists():
-            raise UserError(f"--save_eval_split {split}: the file exists; choose a new file name.")
-
-
-def main(script_args: ScriptArguments, training_args: DeltaConfig, model_args: ModelConfig) -> dict:
-    """Train, save and report one task vector. User errors (files, flags, models) raise :class:`UserError`."""
-    check_args(script_args, training_args, model_args)
-    output_dir = Path(training_args.output_dir)
-    hub_repo = training_args.hub_model_id if training_args.push_to_hub else None
-    training_args.push_to_hub = False  # pushed by us after training, with a model card; the Trainer never pushes
-    with new_folder_removed_on_error(output_dir):
-        with user_errors():
-            check_run_output_dir(
-                output_dir, overwrite=script_args.overwrite_output, resuming=bool(training_args.resume_from_checkpoint)
-            )
-            peft_config = lora_config_from(model_args)
-            with user_errors("--dataset"):
-                data = load_task(script_args, training_args.seed)
-            skeleton = model_skeleton(model_args.model_name_or_path, model_args.model_revision)
-            check_lora_targets(skeleton, model_args.lora_target_modules, "--lora_target_modules")
-            with (
-                training_args.main_process_first(desc="model conversion"),  # converts the embedded model once
-                user_errors(f"--model_name_or_path {model_args.model_name_or_path}", also=(ImportError,)),
-            ):
-                model, tokenizer = load_model_and_tokenizer(
-                    model_args.model_name_or_path,
-                    dtype=model_args.dtype,
-                    revision=model_args.model_revision,
-                    attn_implementation=model_args.attn_implementation or "sdpa",
-                )
-            columns = data["train"].column_names
-            train = data["train"].map(tokenize, fn_kwargs={"tokenizer": tokenizer, "max_length": script_args.max_length},
-                                      remove_columns=columns)  # fmt: skip
-            trainer = DeltaTrainer(
-                model=model,
-                args=training_args,
-                train_dataset=train,
-                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                processing_class=tokenizer,
-                peft_config=peft_config,
-            )
-        linearized = training_args.delta_mode == "linear"
-        base_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"], 0.0, linearized)
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-    tuned_accuracy = completion_accuracy(trainer.model, tokenizer, data["test"], 1.0, linearized)
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    results = {
-        "model": model_args.model_name_or_path,
-        "dataset": script_args.dataset,
-        "delta_mode": training_args.delta_mode,
-        "steps": trainer.state.global_step,
-        "first_logged": logs[0] if logs else None,
-        "last_logged": logs[-1] if logs else None,
-        "eval_accuracy_base": base_accuracy,
-        "eval_accuracy_task_vector": tuned_accuracy,
-        "adapter": str(output_dir),
-    }
-    if trainer.is_world_process_zero():
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if script_args.save_eval_split:
-            rows = "".join(
-                json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n" for r in data["test"]
-            )
-            Path(script_args.save_eval_split).absolute().parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(script_args.save_eval_split, lambda tmp: Path(tmp).write_text(rows))
-        print(
-            f"\nDELTA ({training_args.delta_mode}) trained one task vector on {script_args.dataset} with "
-            f"{model_args.model_name_or_path} for {trainer.state.global_step} steps.\n"
-            f"  held-out accuracy (label words): base {base_accuracy:.3f} -> task vector {tuned_accuracy:.3f}\n"
-            f"  student adapter (stock PEFT format): {output_dir}\n  results: {output_dir / 'results.json'}"
-        )
-        if hub_repo:
-            card = {"held-out accuracy, base model": base_accuracy, "held-out accuracy, task vector": tuned_accuracy,
-                    "dataset": script_args.dataset, "optimizer steps": trainer.state.global_step}  # fmt: skip
-            push_after_training(output_dir, hub_repo, training_args, card)
-    return results
-
-
-def make_parser() -> TrlParser:
-    """``TrlParser((ScriptArguments, DeltaConfig, ModelConfig))`` whose flag errors are one line."""
-    return one_line_errors(TrlParser((ScriptArguments, DeltaConfig, ModelConfig)))
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, DeltaConfig, ModelConfig]:
-    """Parse the command line and ``--config``; a value that cannot work raises :class:`UserError` here."""
-    script_args, training_args, model_args = parse_recipe_arguments(make_parser(), argv)
-    check_args(script_args, training_args, model_args)
-    return script_args, training_args, model_args
-
-
-def cli(argv: Sequence[str]) -> int:
-    main(*parse_args(argv))
-    return 0
-
+__all__ = [
+    "ScriptArguments",
+    "builtin_sentiment",
+    "check_args",
+    "cli",
+    "completion_accuracy",
+    "load_task",
+    "main",
+    "make_parser",
+    "parse_args",
+]
 
 if __name__ == "__main__":
     sys.exit(run_cli(cli))

@@ -26,6 +26,7 @@ def _run(stage: int, tmp_path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.distributed  # a DeepSpeed process with its own rendezvous
 def test_zero3_is_refused_with_what_to_do(tmp_path):
     result = _run(3, tmp_path)
     assert "ZeRO-3" in result["refused"]

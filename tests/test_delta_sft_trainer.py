@@ -2,9 +2,6 @@
 functions (= DeltaTrainer's), refusals, and a stock TRL script with only the import changed."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -306,12 +303,11 @@ print("trained", type(trainer).__name__, training_args.delta_mode, training_args
 """
 
 
-def test_a_stock_trl_script_with_only_the_import_changed_runs(tmp_path):
+def test_a_stock_trl_script_with_only_the_import_changed_runs(tmp_path, capsys, monkeypatch):
+    """The script runs as `python script.py` would (its own globals, __name__ == "__main__"), in this process: a
+    subprocess would spend its time importing torch and TRL again."""
+    monkeypatch.chdir(tmp_path)
     script = f"OUTPUT_DIR = {str(tmp_path / 'out')!r}\n" + textwrap.dedent(STOCK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "trained DeltaSFTTrainer delta True" in result.stdout
+    exec(compile(script, "stock_sft_script.py", "exec"), {"__name__": "__main__"})
+    assert "trained DeltaSFTTrainer delta True" in capsys.readouterr().out
     assert (tmp_path / "out" / "delta_trl.json").is_file()

@@ -116,9 +116,10 @@ def _check_penalty(folder: Path, output: str) -> None:
 
 # Blocks run here: key -> what to check afterwards (the folder and the combined output).
 RUN = {
-    ("README.md", "python recipes/sft_delta.py --config recipes/configs/sft_delta.yaml --output_dir runs/sunny \\"): (
-        _check_first_hour
-    ),
+    (
+        "README.md",
+        "delta-trl sft --config recipes/configs/sft_delta.yaml --output_dir runs/sunny \\",
+    ): _check_first_hour,
     ("docs/CURVATURE.md", "import torch"): _check_penalty,
 }
 

@@ -37,6 +37,7 @@ def test_main_trains_saves_and_reports(tiny_model_dir, tmp_path):
     results = sft_delta.main(script_args, training_args, model_args)
     assert results["steps"] == 3
     assert results["last_logged"]["delta/distill_loss"] > 0
+    assert "mean_token_accuracy" in results["last_logged"]  # TRL's SFTTrainer metric: DeltaSFTTrainer trained it
     # the reported accuracies are those of the base model and of the saved adapter, loaded by stock PEFT
     from datasets import Dataset
     from peft import PeftModel
@@ -71,11 +72,38 @@ def test_dataset_without_completion_column_is_refused(tiny_model_dir, tmp_path):
     data = tmp_path / "task.jsonl"
     data.write_text('{"prompt": "a", "answer": "b"}\n' * 10)
     script_args, training_args, model_args = _parse(
-        "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--dataset", str(data)
+        "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--dataset_name", str(data)
     )
     with pytest.raises(UserError, match=r"task.jsonl:1 lacks the column\(s\) \['completion'\]"):
         sft_delta.main(script_args, training_args, model_args)
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_dataset_with_trl_script_arguments(tiny_model_dir, tmp_path, monkeypatch):
+    """--dataset_name / --dataset_config / --dataset_train_split / --dataset_test_split act as in TRL's scripts: the
+    named splits of `load_dataset(name, config)`; the held-out rows are the test split's, extra columns dropped."""
+    import datasets
+
+    rows = [{"prompt": f"Review {i}:", "completion": " sunny" if i % 2 else " rainy", "id": i} for i in range(12)]
+    calls = []
+
+    def load_dataset(name, config=None, **kwargs):
+        calls.append((name, config))
+        return datasets.DatasetDict({"dev": datasets.Dataset.from_list(rows[:8]),
+                                     "heldout": datasets.Dataset.from_list(rows[8:])})  # fmt: skip
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = _parse("--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                  "--dataset_name", "org/task", "--dataset_config", "small", "--dataset_train_split", "dev",
+                  "--dataset_test_split", "heldout", "--save_eval_split", str(tmp_path / "eval.jsonl"))  # fmt: skip
+    results = sft_delta.main(*args)
+    assert calls == [("org/task", "small")]
+    assert results["dataset"] == "org/task"
+    saved = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert saved == [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows[8:]]
+    with pytest.raises(UserError, match="org/task has no split 'train'; its splits are"):
+        sft_delta.main(*_parse("--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o2"),
+                               "--dataset_name", "org/task"))  # fmt: skip
 
 
 def test_builtin_task_is_balanced_and_deterministic():
@@ -148,7 +176,7 @@ def test_dpo_recipe_trains_and_reports(tiny_model_dir, tmp_path):
     script_args, training_args, model_args = dpo_delta.make_parser().parse_args_and_config(
         ["--config", "recipes/configs/dpo_delta.yaml", "--use_cpu", "true", "--disable_tqdm", "true",
          "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "dpo"), "--max_steps", "2",
-         "--dataset", str(data), "--logging_steps", "1", "--learning_rate", "5e-2"]
+         "--dataset_name", str(data), "--logging_steps", "1", "--learning_rate", "5e-2"]
     )  # fmt: skip
     results = dpo_delta.main(script_args, training_args, model_args)
     assert results["steps"] == 2
@@ -170,7 +198,7 @@ def test_dpo_recipe_builtin_conversational_set(tiny_model_dir, tmp_path):
     script_args, training_args, model_args = dpo_delta.make_parser().parse_args_and_config(
         ["--config", "recipes/configs/dpo_delta.yaml", "--use_cpu", "true", "--disable_tqdm", "true",
          "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "dpo"), "--max_steps", "1",
-         "--num_examples", "20", "--dataset", "builtin:verbose"]
+         "--num_examples", "20", "--dataset_name", "builtin:verbose"]
     )  # fmt: skip
     (tmp_path / "tiny" / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

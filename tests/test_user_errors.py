@@ -60,15 +60,17 @@ CASES = [
     Case("no lora", "sft", [*SFT, "--use_peft", "false"], "pass --use_peft"),
     Case("push without repo", "sft", [*SFT, "--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
     # recipes: data, model and output folder
-    Case("missing data", "sft", [*SFT, "--dataset", "{ws}/missing.jsonl"], "missing.jsonl' does not exist"),
-    Case("bad jsonl", "sft", [*SFT, "--dataset", "{ws}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+    Case("missing data", "sft", [*SFT, "--dataset_name", "{ws}/missing.jsonl"], "missing.jsonl' does not exist"),
+    Case("bad jsonl", "sft", [*SFT, "--dataset_name", "{ws}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
     Case(
         "wrong columns",
         "sft",
-        [*SFT, "--dataset", "{ws}/val.jsonl"],
+        [*SFT, "--dataset_name", "{ws}/val.jsonl"],
         "val.jsonl:1 lacks the column(s) ['completion', 'prompt']",
     ),  # fmt: skip
-    Case("wrong type", "sft", [*SFT, "--dataset", "{ws}/numbers.jsonl"], "numbers.jsonl:1: `completion` is a int"),
+    Case(
+        "wrong type", "sft", [*SFT, "--dataset_name", "{ws}/numbers.jsonl"], "numbers.jsonl:1: `completion` is a int"
+    ),
     Case(
         "unknown target",
         "sft",
@@ -89,16 +91,36 @@ CASES = [
         [*SFT[:4], "--model_name_or_path", "nobody/no-such-model"],
         "--model_name_or_path nobody/no-such-model: ",
     ),  # fmt: skip
-    Case("dpo builtin", "dpo", [*DPO, "--dataset", "builtin:polite"], "builtin:helpful and builtin:verbose"),
+    Case("dpo builtin", "dpo", [*DPO, "--dataset_name", "builtin:polite"], "builtin:helpful and builtin:verbose"),
     Case("dpo beta", "dpo", [*DPO, "--beta", "-1"], "--beta -1.0: must be > 0"),
     Case(
         "dpo columns",
         "dpo",
-        [*DPO, "--dataset", "{ws}/half_prefs.jsonl"],
+        [*DPO, "--dataset_name", "{ws}/half_prefs.jsonl"],
         "half_prefs.jsonl:1 lacks the column(s) ['rejected']",
     ),  # fmt: skip
+    # delta-trl sft / dpo: the recipes behind the command line, same errors
+    Case("sft command", "delta-trl", ["sft", *SFT, "--max_steps", "-5"], "--max_steps -5: give a positive number"),
+    Case(
+        "sft command data",
+        "delta-trl",
+        ["sft", *SFT, "--dataset_name", "{ws}/bad.jsonl"],
+        "bad.jsonl:2: not valid JSON",
+    ),
+    Case(
+        "dpo command",
+        "delta-trl",
+        ["dpo", *DPO, "--dataset_name", "builtin:polite"],
+        "builtin:helpful and builtin:verbose",
+    ),
     # delta-trl
     Case("no command", "delta-trl", [], "the following arguments are required: COMMAND"),
+    Case(
+        "unknown merge flag",
+        "delta-trl",
+        ["merge", "{ws}/x", "-o", "{ws}/m", "--bogus"],
+        "unrecognized arguments: --bogus",
+    ),
     Case("merge choice", "delta-trl", ["merge", "{ws}/x", "-o", "{ws}/m", "--method", "avg"], "invalid choice: 'avg'"),
     Case("merge float", "delta-trl", ["merge", "{ws}/x", "-o", "{ws}/m", "-c", "one"], "invalid float value: 'one'"),
     Case(
@@ -287,6 +309,7 @@ def test_user_error_is_one_line_on_the_command_line(case, workspace):
     assert _state(workspace) == before
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and TRL: 5-25 s
 def test_recipe_command_line_bad_choice_is_one_line(workspace):
     """The 150-line usage is not printed: one line, exit status 2."""
     result = _run([PYTHON, str(REPO / "recipes" / "sft_delta.py"), *_argv(CASES[0], workspace)], workspace)
@@ -294,6 +317,32 @@ def test_recipe_command_line_bad_choice_is_one_line(workspace):
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and TRL: 5-25 s
+def test_delta_trl_sft_and_dpo_run_the_recipes_on_the_command_line(workspace):
+    """`delta-trl sft|dpo ARGS` hand ARGS to the recipes' parsers: their --help (exit 0), their one-line errors."""
+    delta_trl = str(REPO / ".venv" / "bin" / "delta-trl")
+    for command, own_flag in (("sft", "--num_train_examples"), ("dpo", "--beta")):
+        result = _run([delta_trl, command, "--help"], workspace)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: delta-trl {command} ")
+        for flag in ("--dataset_name", "--dataset_config", "--dataset_train_split", "--dataset_test_split",
+                     "--delta_mode", "--lora_r", own_flag):  # fmt: skip
+            assert flag in result.stdout, (command, flag)
+    bad = _run([delta_trl, "sft", *_argv(CASES[0], workspace)], workspace)
+    _assert_one_error_line(bad.returncode, bad.stderr, CASES[0])
+    assert bad.stderr.strip().endswith("(see delta-trl sft --help)")
+    assert bad.stdout == ""
+    refused = _run([delta_trl, "dpo", *[a.format(ws=workspace) for a in DPO], "--beta", "-1"], workspace)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == ["error: --beta -1.0: must be > 0."]
+
+
+def test_delta_trl_help_imports_no_torch():
+    code = "import sys; from delta_trl.cli import make_parser; make_parser(); print('torch' in sys.modules)"
+    assert _run([PYTHON, "-c", code], REPO).stdout.strip() == "False"
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and TRL: 5-25 s
 def test_debug_flag_shows_the_traceback(workspace):
     case = next(c for c in CASES if c.name == "merge truncated")
     result = _run([str(REPO / ".venv" / "bin" / "delta-trl"), *_argv(case, workspace), "--debug"], workspace)
