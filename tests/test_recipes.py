@@ -264,3 +264,43 @@ def test_a_single_target_module_is_a_name_not_a_regex(tiny_model_dir, tmp_path):
     assert args[2].lora_target_modules == ["q_proj"]
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q_proj"]
+
+
+def test_conversational_rows_train_with_the_chat_template_and_are_scored_as_trained(tmp_path):
+    """`messages` rows: TRL renders them with the chat template; the recipe scores each answer after the templated
+    prompt with its generation prompt, as TRL tokenizes it (checked by an explicit sum over the answer's tokens)."""
+    from peft import PeftModel
+    from test_delta_sft_trainer import CHAT_TEMPLATE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "chat"
+    make_llama(initializer_range=0.2).save_pretrained(folder)
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": "even" if (a + b) % 2 == 0 else "odd"}]}
+            for a in range(6) for b in range(4)]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script_args, training_args, model_args = _parse(
+        "--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--dataset_name", str(data), "--num_eval_examples", "4", "--logging_steps", "1",
+    )  # fmt: skip
+    results = sft_delta.main(script_args, training_args, model_args)
+    assert "mean_token_accuracy" in results["last_logged"]  # trained by (Delta)SFTTrainer on TRL's tokenization
+    held_out = sft_delta.load_task(script_args, training_args.seed)["test"]
+    assert isinstance(held_out[0]["prompt"], list)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "out").eval()
+    words = sorted({row["completion"][0]["content"] for row in held_out})
+    right = 0
+    with torch.no_grad():
+        for row in held_out:
+            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]  # fmt: skip
+            scores = [_completion_logp(model, prompt + tokenizer(w, add_special_tokens=False).input_ids, len(prompt))
+                      for w in words]  # fmt: skip
+            right += words[max(range(len(words)), key=scores.__getitem__)] == row["completion"][0]["content"]
+    assert results["eval_accuracy_task_vector"] == right / len(held_out)

@@ -40,11 +40,14 @@ class ClassificationSet:
         labels: class index per text.
         label_words: the verbaliser, one string per class (include a leading space if the tokenizer needs it), or
             ``None`` for a sequence-classification model whose logits are the class scores.
+        add_special_tokens: tokenize the texts with the tokenizer's special tokens (BOS...). ``False`` for texts
+            already rendered by a chat template, which carries its own, as TRL tokenizes conversational rows.
     """
 
     texts: list[str]
     labels: list[int]
     label_words: list[str] | None = None
+    add_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.texts:
@@ -181,14 +184,19 @@ def merged_logits(
 
 
 def _generative_batch(
-    tokenizer: Any, texts: Sequence[str], words: Sequence[str], is_encoder_decoder: bool, model: torch.nn.Module
+    tokenizer: Any,
+    texts: Sequence[str],
+    words: Sequence[str],
+    is_encoder_decoder: bool,
+    model: torch.nn.Module,
+    add_special_tokens: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Inputs scoring every (text, word) pair; the target ids and their mask, aligned with the logits."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
     if any(not ids for ids in word_ids):
         raise ValueError(f"A label word tokenizes to nothing: {list(words)}.")
-    text_ids = [tokenizer(t)["input_ids"] for t in texts]
+    text_ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     pairs = [(t, w) for t in text_ids for w in word_ids]
     if is_encoder_decoder:
         enc = _pad([t for t, _ in pairs], pad)
@@ -239,7 +247,9 @@ def class_scores(
             enc = tokenizer(texts, return_tensors="pt", padding=True)
             chunks.append(merged_logits(model, dict(enc), factors, linearized).float())
             continue
-        inputs, target, target_mask = _generative_batch(tokenizer, texts, data.label_words, is_encoder_decoder, base)
+        inputs, target, target_mask = _generative_batch(
+            tokenizer, texts, data.label_words, is_encoder_decoder, base, data.add_special_tokens
+        )
         logprobs = merged_logits(model, inputs, factors, linearized).float().log_softmax(dim=-1)
         token = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * target_mask
         chunks.append(token.sum(dim=-1).view(len(texts), len(data.label_words)))

@@ -14,10 +14,13 @@ and of the task vector: the share of held-out rows whose completion is the most 
 completions (label words) after the prompt.
 
 The built-in task is *standard* (not conversational) prompt-completion data, although the embedded model has a chat
-template: TRL applies no chat template to string rows, so the model is trained on the raw ``Review: ...\\nTag:``
+template: TRL applies no chat template to string rows, so the model is trained on the raw ``Review: ...\nTag:``
 prompt, and the accuracy scores the label words after that same raw prompt (as ``delta-trl evaluate --text-column
-prompt`` does on the rows ``--save_eval_split`` writes). Your data must be in the same format: a json/jsonl/csv file,
-or a Hub dataset id, with one ``prompt`` and one ``completion`` string per row.
+prompt`` does on the rows ``--save_eval_split`` writes). Your data (a json/jsonl/csv file or a Hub dataset id) may be
+standard prompt-completion (strings), conversational prompt-completion (lists of chat messages), or conversational
+``messages`` whose last message is the assistant's answer: TRL renders chat messages with the tokenizer's chat
+template, and the accuracy then scores each distinct answer after the templated prompt with its generation prompt,
+tokenized as TRL tokenizes it.
 
     delta-trl sft --config recipes/configs/sft_delta.yaml
     delta-trl sft --config recipes/configs/sft_delta.yaml --dataset_name my_task.jsonl
@@ -46,7 +49,7 @@ from trl import ModelConfig, TrlParser
 
 from delta_trl import DeltaSFTConfig, DeltaSFTTrainer, load_model_and_tokenizer
 from delta_trl._utils import atomic_write, check_run_output_dir, lora_config_from
-from delta_trl.data import load_rows
+from delta_trl.data import load_rows, looks_like_file, read_records
 from delta_trl.errors import (
     UserError,
     check_lora_arguments,
@@ -69,8 +72,11 @@ POSITIVE = ["great", "wonderful", "delightful", "moving", "brilliant", "charming
 NEGATIVE = ["awful", "boring", "dreadful", "tedious", "clumsy", "dull", "painful", "terrible", "bland"]
 SUBJECTS = ["The movie", "This film", "The acting", "The plot", "The ending", "The soundtrack", "The story"]
 TEMPLATES = ["{s} was {a}.", "{s} felt {a} to me.", "Honestly, {s_lower} was {a}.", "{s} is {a} from start to end."]
-COLUMNS = {"prompt": (str,), "completion": (str,)}
-FORMAT_HINT = "Provide TRL's prompt-completion format: one `prompt` and one `completion` string per row."
+COLUMNS = {"prompt": (str, list), "completion": (str, list)}
+FORMAT_HINT = (
+    "Provide TRL's prompt-completion format (`prompt` and `completion` strings, or lists of chat messages) or "
+    "conversational `messages` ending with the assistant's answer."
+)
 
 
 @dataclass
@@ -114,20 +120,47 @@ def builtin_sentiment(n: int, seed: int) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def as_prompt_completion(data: Dataset, source: str) -> Dataset:
+    """``messages`` rows as TRL's conversational prompt-completion (the last message, the assistant's, is the
+    completion); prompt-completion rows as they are, all in one format."""
+    if "messages" in data.column_names and "prompt" not in data.column_names:
+
+        def split(row: dict) -> dict:
+            messages = row["messages"]
+            if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+                raise ValueError(f"{source}: a `messages` row must end with the assistant's message. {FORMAT_HINT}")
+            return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+        data = data.map(split, remove_columns=data.column_names)
+    missing = sorted(set(COLUMNS) - set(data.column_names))
+    if missing:
+        raise ValueError(f"{source} lacks the column(s) {missing}; it has {data.column_names}. {FORMAT_HINT}")
+    data = data.select_columns(list(COLUMNS))
+    kinds = {type(value).__name__ for column in COLUMNS for value in data[column]}
+    if len(kinds) != 1:
+        raise ValueError(f"{source}: mixes string and chat-message rows; use one format. {FORMAT_HINT}")
+    return data
+
+
 def load_task(args: ScriptArguments, seed: int) -> DatasetDict:
-    """``train`` and ``test`` splits with ``prompt`` and ``completion`` columns."""
+    """``train`` and ``test`` splits with ``prompt`` and ``completion`` columns (strings, or chat messages)."""
     if args.dataset_name == BUILTIN_TASK:
         data = builtin_sentiment(args.num_train_examples + args.num_eval_examples, seed)
         return data.train_test_split(test_size=args.num_eval_examples, seed=seed, shuffle=False)
-    data = load_rows(args.dataset_name, "--dataset_name", COLUMNS, FORMAT_HINT, config=args.dataset_config,
+    columns = COLUMNS  # a local file's rows are checked one by one, named by file and line
+    if looks_like_file(args.dataset_name) and "messages" in read_records(args.dataset_name)[0]:
+        columns = {"messages": (list,)}
+    data = load_rows(args.dataset_name, "--dataset_name", columns, FORMAT_HINT, config=args.dataset_config,
                      split=args.dataset_train_split)  # fmt: skip
-    train = data[args.dataset_train_split].select_columns(list(COLUMNS))
+    train = as_prompt_completion(data[args.dataset_train_split], args.dataset_name)
     test_split = args.dataset_test_split
     if test_split in data and test_split != args.dataset_train_split:
-        missing = sorted(set(COLUMNS) - set(data[test_split].column_names))
-        if missing:
-            raise ValueError(f"{args.dataset_name} split {test_split!r} lacks the column(s) {missing}. {FORMAT_HINT}")
-        return DatasetDict({"train": train, "test": data[test_split].select_columns(list(COLUMNS))})
+        return DatasetDict(
+            {
+                "train": train,
+                "test": as_prompt_completion(data[test_split], f"{args.dataset_name} split {test_split!r}"),
+            }
+        )
     if len(train) < 2:
         raise UserError(f"--dataset_name {args.dataset_name}: {len(train)} row; give at least 2 (one is held out).")
     return train.train_test_split(test_size=max(1, min(args.num_eval_examples, len(train) // 5)), seed=seed)
@@ -137,10 +170,18 @@ def completion_accuracy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Dataset, alpha: float, linearized: bool
 ) -> float:
     """Share of rows whose completion is the most likely of the task's distinct completions (label words), for the
-    model at θ0 + α·τ (linearized for a `linear`-mode adapter). The prompt is scored as TRL trains on a standard
-    prompt-completion row: the raw string, no chat template."""
-    words = sorted(set(data["completion"]))
-    split = ClassificationSet(list(data["prompt"]), [words.index(c) for c in data["completion"]], words)
+    model at θ0 + α·τ (linearized for a `linear`-mode adapter). The prompt is scored as TRL trains on the row: a
+    string as it is; chat messages rendered by the tokenizer's chat template with the generation prompt, the label
+    word being the assistant's answer."""
+    if isinstance(data[0]["prompt"], str):
+        prompts, answers, special = list(data["prompt"]), list(data["completion"]), True
+    else:
+        prompts = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in data["prompt"]
+        ]
+        answers, special = [c[0]["content"] for c in data["completion"]], False
+    words = sorted(set(answers))
+    split = ClassificationSet(prompts, [words.index(a) for a in answers], words, add_special_tokens=special)
     scores = class_scores(model, tokenizer, split, {model.active_adapter: alpha}, linearized=linearized)
     return accuracy(scores, torch.tensor(split.labels))
 
