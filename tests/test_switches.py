@@ -61,7 +61,7 @@ def _assert_same_updates(got: dict, expected: dict, initial: dict) -> None:
 
 
 def _randomize_students(model) -> None:
-    """Non-zero student and teacher B: at B = 0 a wrong α in the recomputed forward would change nothing."""
+    """A non-zero student B: at B = 0 a wrong α in the recomputed forward would change nothing."""
     torch.manual_seed(4)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -69,54 +69,11 @@ def _randomize_students(model) -> None:
                 param.normal_(0, 0.3)
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(kind, tiny_tokenizer, tmp_path):
-    """The recomputed forward must run at the step's α (it ran at α = 1, 1–2.5 % off, before the fix)."""
+def _checkpointing_changes_nothing(build) -> None:
+    """One SGD step at a sampled α ≠ 1 with and without gradient checkpointing: the same α, the same updates."""
     weights, alphas = {}, {}
     for checkpointing in (False, True):
-        model = get_peft_model(MODELS[kind][0](), _lora(kind))
-        _randomize_students(model)
-        trainer = _sft_trainer(kind, tiny_tokenizer, tmp_path / str(checkpointing), model=model, max_steps=1,
-                               alpha_sampling="uniform", gradient_checkpointing=checkpointing, **ONE_SGD_STEP)  # fmt: skip
-        initial = _lora_weights(trainer)
-        trainer.train()
-        weights[checkpointing], alphas[checkpointing] = _lora_weights(trainer), _alphas(trainer)
-    assert alphas[True] == alphas[False]
-    assert abs(alphas[True][0] - 1) > 0.1
-    _assert_same_updates(weights[True], weights[False], initial)
-
-
-def test_trl_sft_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_tokenizer, tmp_path):
-    from delta_trl import DeltaSFTConfig, DeltaSFTTrainer
-
-    rows = [{"prompt": f"What is {i % 7} + {i % 5}?", "completion": f" {i % 7 + i % 5}"} for i in range(4)]
-    weights, alphas = {}, {}
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = get_peft_model(make_llama(), _lora("llama"))
-        _randomize_students(model)
-        trainer = DeltaSFTTrainer(
-            model=model,
-            args=DeltaSFTConfig(output_dir=str(tmp_path / str(checkpointing)), use_cpu=True, bf16=False,
-                                report_to="none", max_steps=1, per_device_train_batch_size=4, max_length=32,
-                                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-                                alpha_sampling="uniform", gradient_checkpointing=checkpointing, **ONE_SGD_STEP),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tiny_tokenizer,
-        )  # fmt: skip
-        initial = _lora_weights(trainer)
-        trainer.train()
-        weights[checkpointing], alphas[checkpointing] = _lora_weights(trainer), _alphas(trainer)
-    assert alphas[True] == alphas[False]
-    assert abs(alphas[True][0] - 1) > 0.1
-    _assert_same_updates(weights[True], weights[False], initial)
-
-
-def test_dpo_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_tokenizer, tmp_path):
-    weights, alphas = {}, {}
-    for checkpointing in (False, True):
-        trainer = _dpo_trainer(tiny_tokenizer, tmp_path / str(checkpointing), max_steps=1,
-                               alpha_sampling="uniform", gradient_checkpointing=checkpointing, **ONE_SGD_STEP)  # fmt: skip
+        trainer = build(checkpointing)
         _randomize_students(trainer.model)
         initial = _lora_weights(trainer)
         trainer.train()
@@ -124,6 +81,47 @@ def test_dpo_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_to
     assert alphas[True] == alphas[False]
     assert abs(alphas[True][0] - 1) > 0.1
     _assert_same_updates(weights[True], weights[False], initial)
+
+
+GC_STEP = {"max_steps": 1, "alpha_sampling": "uniform", **ONE_SGD_STEP}
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(kind, tiny_tokenizer, tmp_path):
+    """The recomputed forward must run at the step's α (it ran at α = 1, 1–2.5 % off, before the fix)."""
+    _checkpointing_changes_nothing(
+        lambda checkpointing: _sft_trainer(
+            kind, tiny_tokenizer, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, **GC_STEP
+        )
+    )
+
+
+def test_trl_sft_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_tokenizer, tmp_path):
+    from delta_trl import DeltaSFTConfig, DeltaSFTTrainer
+
+    rows = [{"prompt": f"What is {i % 7} + {i % 5}?", "completion": f" {i % 7 + i % 5}"} for i in range(4)]
+
+    def build(checkpointing):
+        torch.manual_seed(0)
+        return DeltaSFTTrainer(
+            model=get_peft_model(make_llama(), _lora("llama")),
+            args=DeltaSFTConfig(output_dir=str(tmp_path / str(checkpointing)), use_cpu=True, bf16=False,
+                                report_to="none", per_device_train_batch_size=4, max_length=32, logging_steps=1,
+                                save_strategy="no", disable_tqdm=True, seed=0,
+                                gradient_checkpointing=checkpointing, **GC_STEP),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tiny_tokenizer,
+        )  # fmt: skip
+
+    _checkpointing_changes_nothing(build)
+
+
+def test_dpo_gradient_checkpointing_at_alpha_not_one_takes_the_same_step(tiny_tokenizer, tmp_path):
+    _checkpointing_changes_nothing(
+        lambda checkpointing: _dpo_trainer(
+            tiny_tokenizer, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, **GC_STEP
+        )
+    )
 
 
 def test_resume_with_a_custom_adapter_name_is_exact(tiny_tokenizer, tmp_path):
