@@ -13,34 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "rabbit", "fox", "goat", "duck", "mouse", "wolf", "deer"]
-VEHICLES = [
-    "car",
-    "truck",
-    "bus",
-    "bicycle",
-    "train",
-    "tractor",
-    "van",
-    "motorbike",
-    "taxi",
-    "scooter",
-    "tram",
-    "lorry",
-]
-TEMPLATES = [
-    "Item: a {x}.\nTag:",
-    "I saw a {x} today.\nTag:",
-    "There is a {x} outside.\nTag:",
-    "Picture of a {x}.\nTag:",
-]
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -48,15 +26,11 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def make_tasks(folder: Path, n_train: int = 320, n_val: int = 80) -> None:
+    from delta_trl.experiment.tasks import builtin_objects  # the word lists and templates live there
     from delta_trl.scripts.sft import builtin_sentiment
 
     reviews = [dict(r) for r in builtin_sentiment(n_train + n_val, seed=1)]
-    rng = random.Random(2)
-    objects = []
-    for _ in range(n_train + n_val):
-        animal = rng.random() < 0.5
-        prompt = rng.choice(TEMPLATES).format(x=rng.choice(ANIMALS if animal else VEHICLES))
-        objects.append({"prompt": prompt, "completion": " meadow" if animal else " highway"})
+    objects = builtin_objects(n_train + n_val, seed=2)
     for name, rows in (("a", reviews), ("b", objects)):
         _write(folder / f"{name}_train.jsonl", rows[:n_train])
         _write(

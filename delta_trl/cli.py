@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "curvature": "delta_trl.commands.curvature",
     "sft": "delta_trl.commands.sft",
     "dpo": "delta_trl.commands.dpo",
+    "experiment": "delta_trl.commands.experiment",
 }
 
 

@@ -18,6 +18,8 @@ them: docs/MERGING.md §3). Each returns a JSON-ready dict and, given ``output_d
 - :func:`dpo_front`: helpfulness and verbosity scores of greedy responses of ``θ0 + τ_help + λ2·τ_verb`` as λ2 varies,
   with preference accuracy (implicit reward margin ``[log π(y_w|x) − log π_0(y_w|x)] − [log π(y_l|x) − log π_0(y_l|x)]
   > 0``, π_0 = θ0 = the DPO reference) per objective and the mean response length.
+- :func:`coefficient_front`: the scores of ``θ0 + τ_1 + λ·τ_2`` on both tasks as λ varies (the front between two
+  objectives, e.g. helpfulness against verbosity, measured by any task score).
 - :func:`logp_preference_accuracy`: on tokenized preference pairs, the fraction with ``log π(y_w|x) > log π(y_l|x)``
   (sums over the completion tokens) at ``θ0 + Σ α_t τ_t``. Unlike DPO's reward accuracy it is meaningful for the base
   model itself, where every implicit reward margin is 0.
@@ -330,3 +332,30 @@ def dpo_front(
                 preference_accuracy(model, tokenizer, pairs, factors, linearized)
             )
     return _write(result, output_dir, "dpo_front", plots.plot_dpo_front)
+
+
+def coefficient_front(
+    evaluate: Callable[[Mapping[str, float]], Mapping[str, Mapping[str, float]]],
+    tasks: tuple[str, str],
+    coefficients: Sequence[float],
+    *,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Scores of ``θ0 + τ_1 + λ·τ_2`` for each λ in ``coefficients``.
+
+    Args:
+        evaluate: ``factors ↦ {task: {"score": …, optional other statistics}}`` for the model at ``θ0 + Σ α_t τ_t``.
+        tasks: the two task (adapter) names; the first keeps coefficient 1.
+
+    Returns:
+        ``{"first", "second", "coefficients", "<statistic>": {task: [value per λ]}}`` for every statistic returned.
+    """
+    coefficients = [float(c) for c in coefficients]
+    if not coefficients:
+        raise ValueError("coefficient_front needs at least one coefficient.")
+    first, second = tasks
+    points = [evaluate({first: 1.0, second: lam}) for lam in coefficients]
+    result: dict[str, Any] = {"first": first, "second": second, "coefficients": coefficients}
+    for statistic in points[0][first]:
+        result[statistic] = {t: [float(p[t][statistic]) for p in points] for t in tasks}
+    return _write(result, output_dir, "coefficient_front", plots.plot_coefficient_front)

@@ -143,3 +143,19 @@ def plot_dpo_front(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="best")
     right.set_title("Preference accuracy and length vs λ2")
     return _save(fig, path)
+
+
+def plot_coefficient_front(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """The score of the second task against the first's as λ varies in θ0 + τ_1 + λ·τ_2, each point labelled."""
+    plt = _pyplot()
+    first, second = result["first"], result["second"]
+    xs, ys = result["score"][second], result["score"][first]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot(xs, ys, marker="o")
+    for lam, x, y in zip(result["coefficients"], xs, ys, strict=True):
+        ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"{second} score")
+    ax.set_ylabel(f"{first} score")
+    ax.set_title(f"θ0 + τ_{first} + λ·τ_{second}: front")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

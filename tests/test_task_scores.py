@@ -1,0 +1,96 @@
+"""The experiment's task scores against independent computations: HF greedy `generate`, explicit log-probability
+sums, hand-worked implicit-reward accuracies."""
+
+import pytest
+import torch
+from conftest import make_llama, make_t5
+from peft import LoraConfig, get_peft_model
+
+from delta_trl.evaluation.scoring import ClassificationSet, class_scores
+from delta_trl.evaluation.task_scores import (
+    TaskEvalSet,
+    greedy_answers,
+    implicit_reward_accuracy,
+    score_task,
+    sequence_logps,
+)
+
+
+def _peft(model, targets):
+    torch.manual_seed(1)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    return get_peft_model(model, config).eval()
+
+
+def test_implicit_reward_accuracy_counts_ties_as_half():
+    assert implicit_reward_accuracy(torch.tensor([1.0, -2.0, 0.0, 3.0])) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert implicit_reward_accuracy(torch.zeros(5)) == 0.5
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_greedy_answers_equal_generate(tiny_tokenizer, seq2seq):
+    model = _peft(make_t5(), ["q", "v"]) if seq2seq else _peft(make_llama(initializer_range=0.2), ["q_proj", "v_proj"])
+    prompts = ["What is 2 + 3?", "The capital of France is"]
+    answers = greedy_answers(model, tiny_tokenizer, prompts, {"default": 1.0}, max_new_tokens=5)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                 eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=0)  # fmt: skip
+        new = out[0] if seq2seq else out[0, ids.shape[1] :]
+        expected = [int(t) for t in new if int(t) not in (tiny_tokenizer.eos_token_id,)]
+        if seq2seq:
+            expected = expected[1:] if out[0, 0] == model.config.decoder_start_token_id else expected
+        assert answer == tiny_tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_sequence_logps_and_preference_score_against_explicit_sums(tiny_tokenizer):
+    model = _peft(make_llama(initializer_range=0.2), ["q_proj", "v_proj"])
+    prompts, chosen, rejected = ["What is 2 + 3?", "What is 7 + 1?"], [" 5.", " 8."], [" 6!", " 9 please"]
+
+    def explicit(prompt, completion, scale):
+        x = tiny_tokenizer(prompt)["input_ids"]
+        y = tiny_tokenizer(completion, add_special_tokens=False)["input_ids"]
+        for layer in model.modules():
+            if hasattr(layer, "scaling") and isinstance(layer.scaling, dict):
+                layer.scaling["default"] = scale * 2.0  # lora_alpha / r
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([x + y])).logits[0].double().log_softmax(-1)
+        for layer in model.modules():
+            if hasattr(layer, "scaling") and isinstance(layer.scaling, dict):
+                layer.scaling["default"] = 2.0
+        return sum(float(logp[len(x) - 1 + k, t]) for k, t in enumerate(y))
+
+    got = sequence_logps(model, tiny_tokenizer, prompts, chosen, {"default": 0.7}, batch_size=2)
+    want = torch.tensor([explicit(p, c, 0.7) for p, c in zip(prompts, chosen, strict=True)], dtype=torch.float64)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+    data = TaskEvalSet("preference", prompts, chosen=chosen, rejected=rejected)
+    score = score_task(model, tiny_tokenizer, data, {"default": 0.7}, beta=0.5)
+    margins = torch.tensor([
+        0.5 * ((explicit(p, c, 0.7) - explicit(p, c, 0.0)) - (explicit(p, r, 0.7) - explicit(p, r, 0.0)))
+        for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    ])  # fmt: skip
+    assert score["mean_margin"] == pytest.approx(float(margins.mean()), abs=1e-4)
+    assert score["score"] == implicit_reward_accuracy(margins)
+    assert score_task(model, tiny_tokenizer, data, {"default": 0.0}) == {"score": 0.5, "mean_margin": 0.0}
+
+
+def test_closed_and_open_scores(tiny_tokenizer):
+    model = _peft(make_llama(initializer_range=0.2), ["q_proj", "v_proj"])
+    prompts = ["What is 2 + 3?", "The capital of France is", "What is 7 + 1?"]
+    answers = greedy_answers(model, tiny_tokenizer, prompts, {"default": 1.0}, max_new_tokens=3)
+    references = [answers[0].upper() + ".", answers[1] + " extra", "  " + answers[2] + "  "]
+    open_set = TaskEvalSet("open", prompts, references)
+    result = score_task(model, tiny_tokenizer, open_set, {"default": 1.0}, max_new_tokens=3)
+    assert result["score"] == pytest.approx(2 / 3)  # case, spaces and final punctuation are normalised away
+    candidates = [" 5", " 8", " Paris"]
+    scores = class_scores(model, tiny_tokenizer, ClassificationSet(prompts, [0, 0, 0], candidates), {"default": 1.0})
+    predicted = [candidates[i] for i in scores.argmax(-1).tolist()]
+    wrong = [candidates[(candidates.index(p) + 1) % 3] for p in predicted]
+    mixed = predicted[:2] + wrong[2:]
+    for answers, expected in ((predicted, 1.0), (wrong, 0.0), (mixed, 2 / 3)):
+        closed = TaskEvalSet("closed", prompts, answers, candidates=candidates)
+        assert score_task(model, tiny_tokenizer, closed, {"default": 1.0})["score"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not among the candidates"):
+        TaskEvalSet("closed", prompts[:1], [" 7"], candidates=[" 5"])
