@@ -140,7 +140,9 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(tiny_tokenizer, tmp_path):
     with unparked(model, "delta_teacher"):
         teacher = linearized_forward(model, kwargs, "delta_teacher")
     mask = labels[:, 1:] != -100
-    distill = (student.hidden_states[-1][:, :-1] - teacher.hidden(alpha)[0][:, :-1]).pow(2).sum(-1)[mask].mean()
+    teacher_hidden = teacher.hidden(alpha)[0][:, :-1]  # the default, relative distance ‖h_S − h_T‖² / ‖h_T‖²
+    distill = ((student.hidden_states[-1][:, :-1] - teacher_hidden).pow(2).sum(-1) / teacher_hidden.pow(2).sum(-1))
+    distill = distill[mask].mean()
     expected = (
         dpo_loss(*completion_logps(student.logits, labels).chunk(2), *ref, beta=0.2).losses.mean()
         + 0.3 * distill
@@ -177,17 +179,17 @@ def test_teacher_logps_match_finite_differences_of_the_model(tiny_tokenizer, tmp
 
 def test_short_run_lowers_both_dpo_losses_and_distillation_pulls_the_student(tiny_tokenizer, tmp_path):
     runs = {}
-    for gamma in (0.0, 1.0):
+    for gamma in (0.0, 10.0):  # a strong pull (relative L_KD), so that its effect shows within 12 steps
         trainer = _trainer(tiny_tokenizer, tmp_path / str(gamma), max_steps=12, alpha_sampling="uniform",
                            alpha_min=0.9, alpha_max=1.1, distill_weight=gamma, learning_rate=2e-2)  # fmt: skip
         trainer.train()
         runs[gamma] = [h for h in trainer.state.log_history if "delta/task_loss" in h]
-    logs = runs[1.0]
+    logs = runs[10.0]
     for key in ("delta/task_loss", "delta/teacher_loss"):
         assert logs[-1][key] < logs[0][key] - 0.05, key
     assert logs[-1]["rewards/accuracies"] == 1.0
     late = slice(-4, None)
-    with_kd = sum(h["delta/distill_loss"] for h in runs[1.0][late])
+    with_kd = sum(h["delta/distill_loss"] for h in runs[10.0][late])
     without_kd = sum(h["delta/distill_loss"] for h in runs[0.0][late])
     assert with_kd < 0.8 * without_kd
 

@@ -52,12 +52,31 @@ def test_hidden_distillation_loss_by_hand():
     student = torch.tensor([[[1.0, 2.0], [5.0, 5.0], [0.0, 3.0]]], requires_grad=True)
     teacher = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]], requires_grad=True)
     mask = torch.tensor([[True, False, True]])
-    loss = hidden_distillation_loss(student, teacher, mask)
+    loss = hidden_distillation_loss(student, teacher, mask, normalization="sum")
     assert_close(loss, torch.tensor(7.0))
-    assert_close(hidden_distillation_loss(student, teacher, mask, num_items=7), torch.tensor(2.0))
+    assert_close(hidden_distillation_loss(student, teacher, mask, num_items=7, normalization="sum"), torch.tensor(2.0))
     loss.backward()
     # d/dh_S of sum ||h_S - h_T||^2 / 2 = (h_S - h_T) at supervised positions, 0 elsewhere
     assert_close(student.grad, torch.tensor([[[1.0, 2.0], [0.0, 0.0], [0.0, 3.0]]]))
+
+
+def test_scale_free_distillation_by_hand():
+    """h_T = (3, 4) and (0, 2) (‖h_T‖² = 25 and 4), errors (1, 2) and (0, 3) (‖·‖² = 5 and 9), H = 2.
+
+    relative: (5/25 + 9/4) / 2 = 1.225; mean: (5/2 + 9/2) / 2 = 3.5. Scaling both states by 10 leaves `relative`
+    unchanged and multiplies `mean` and `sum` by 100.
+    """
+    teacher = torch.tensor([[[3.0, 4.0], [1.0, 1.0], [0.0, 2.0]]])
+    student = teacher + torch.tensor([[[1.0, 2.0], [7.0, 7.0], [0.0, 3.0]]])
+    mask = torch.tensor([[True, False, True]])
+    assert_close(hidden_distillation_loss(student, teacher, mask), torch.tensor(1.225))
+    assert_close(hidden_distillation_loss(student, teacher, mask, normalization="mean"), torch.tensor(3.5))
+    for normalization, factor in (("relative", 1.0), ("mean", 100.0), ("sum", 100.0)):
+        small = hidden_distillation_loss(student, teacher, mask, normalization=normalization)
+        large = hidden_distillation_loss(10 * student, 10 * teacher, mask, normalization=normalization)
+        assert_close(large, factor * small)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        hidden_distillation_loss(student, teacher, mask, normalization="max")
     assert teacher.grad is None  # stop-gradient on the teacher
 
 

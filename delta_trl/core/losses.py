@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 ALPHA_SAMPLINGS = ("curriculum", "uniform", "fixed")
+DISTILL_NORMALIZATIONS = ("relative", "mean", "sum")
 
 
 def alpha_bounds(progress: float, *, sampling: str, alpha_min: float, alpha_max: float) -> tuple[float, float]:
@@ -102,15 +103,29 @@ def hidden_distillation_loss(
     mask: torch.Tensor,
     *,
     num_items: torch.Tensor | int | None = None,
+    normalization: str = "relative",
 ) -> torch.Tensor:
-    """Along-path distillation ``L_KD = Σ_{t ∈ mask} ‖h_S,t − sg(h_T,t)‖²₂ / N`` (docs/METHOD.md §3.4).
+    """Along-path distillation ``L_KD = Σ_{t ∈ mask} d_t / N`` (docs/METHOD.md §3.4), with ``N = num_items`` if
+    given, else ``mask.sum()``, and the per-position distance ``d_t`` chosen by ``normalization``:
 
-    Squared L2 summed over the hidden dimension, averaged over supervised positions (``N = num_items`` if given,
-    else ``mask.sum()``). The teacher is detached: it receives no gradient from this term. Shapes: hidden
-    ``(B, T, H)``, mask ``(B, T)`` bool.
+    - ``"relative"``: ``‖h_S,t − sg(h_T,t)‖²₂ / ‖sg(h_T,t)‖²₂``, the squared error relative to the teacher's
+      hidden-state norm. Invariant to the hidden size and to the scale of the model's activations, so one γ serves
+      every model (the default; docs/ARCHITECTURE.md, "Choosing γ").
+    - ``"mean"``: ``‖h_S,t − sg(h_T,t)‖²₂ / H``, the mean squared error over the hidden dimension ``H``.
+    - ``"sum"``: ``‖h_S,t − sg(h_T,t)‖²₂``, the paper's formula; its size grows with ``H`` and the activations
+      (~10³ on SmolLM2-135M), so γ must be scaled for each model.
+
+    The teacher is detached: it receives no gradient from this term. Shapes: hidden ``(B, T, H)``, mask ``(B, T)``.
     """
-    diff = _upcast(student_hidden) - _upcast(teacher_hidden.detach())  # (B, T, H)
-    per_position = diff.pow(2).sum(dim=-1)  # (B, T)
+    if normalization not in DISTILL_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {DISTILL_NORMALIZATIONS}, got {normalization!r}.")
+    teacher = _upcast(teacher_hidden.detach())
+    per_position = (_upcast(student_hidden) - teacher).pow(2).sum(dim=-1)  # (B, T)
+    if normalization == "relative":
+        # the floor only guards all-zero teacher states (never seen at supervised positions of a real model)
+        per_position = per_position / teacher.pow(2).sum(dim=-1).clamp(min=torch.finfo(teacher.dtype).tiny)
+    elif normalization == "mean":
+        per_position = per_position / teacher.shape[-1]
     mask = mask.to(per_position.device)
     return _normalise((per_position * mask).sum(), mask.sum(), num_items)
 

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments
 from trl import DPOConfig, SFTConfig
 
-from delta_trl.core.losses import ALPHA_SAMPLINGS
+from delta_trl.core.losses import ALPHA_SAMPLINGS, DISTILL_NORMALIZATIONS
 
 
 DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")
@@ -33,6 +33,16 @@ class DeltaArguments:
     )
     distill_weight: float = field(
         default=1.0, metadata={"help": "γ: weight of the hidden-state distillation loss L_KD."}
+    )
+    distill_normalization: str = field(
+        default="relative",
+        metadata={
+            "help": "How L_KD measures the student-teacher distance per supervised position. `relative`: "
+            "‖h_S − h_T‖² / ‖h_T‖², free of the hidden size and activation scale, so γ = 1 serves every model; "
+            "`mean`: ‖h_S − h_T‖² / hidden size; `sum`: ‖h_S − h_T‖², the paper's formula (~10³ on SmolLM2-135M, "
+            "γ must then be scaled per model).",
+            "choices": list(DISTILL_NORMALIZATIONS),
+        },
     )
     teacher_loss_weight: float = field(
         default=1.0, metadata={"help": "β_T: weight of the teacher's task loss on the linearized outputs."}
@@ -106,6 +116,10 @@ class DeltaArguments:
             raise ValueError(f"delta_mode={self.delta_mode!r} is not one of {DELTA_MODES}.")
         if self.alpha_sampling not in ALPHA_SAMPLINGS:
             raise ValueError(f"alpha_sampling={self.alpha_sampling!r} is not one of {ALPHA_SAMPLINGS}.")
+        if self.distill_normalization not in DISTILL_NORMALIZATIONS:
+            raise ValueError(
+                f"distill_normalization={self.distill_normalization!r} is not one of {DISTILL_NORMALIZATIONS}."
+            )
         if self.alpha_sampling != "fixed" and not self.alpha_min < self.alpha_max:
             raise ValueError(
                 f"The α range [{self.alpha_min}, {self.alpha_max}] is empty or inverted: set alpha_min < alpha_max "

@@ -327,7 +327,13 @@ class DeltaTrainerMixin:
                 teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
             student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
             distill_loss = scale * sum(
-                hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
+                hidden_distillation_loss(
+                    student_hidden[layer],
+                    teacher_hidden,
+                    mask,
+                    num_items=num_items,
+                    normalization=args.distill_normalization,
+                )
                 for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
             )
             metrics |= {
