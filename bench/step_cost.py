@@ -1,16 +1,19 @@
-"""Cost of one DELTA training step against plain LoRA training, on the same model and batch, in one run.
+"""Cost of one DELTA training step against plain LoRA training, on the same model and batch, in one process.
 
-    OMP_NUM_THREADS=2 python bench/step_cost.py                       # SFT: tiny Llama + embedded SmolLM2-135M
-    OMP_NUM_THREADS=2 python bench/step_cost.py --objective dpo       # DeltaDPOTrainer vs DPOTrainer + LoRA
-    python bench/step_cost.py --models embedded --steps 20 --batch_size 8 --seq_len 128
+    OMP_NUM_THREADS=1 python bench/step_cost.py --models embedded                       # SFT, batch 4 x 64
+    OMP_NUM_THREADS=1 python bench/step_cost.py --objective dpo --models embedded --batch_size 2 --seq_len 256
+    python bench/step_cost.py --models tiny embedded --steps 20 --trainers lora delta
 
 SFT compares ``Seq2SeqTrainer`` + LoRA with ``DeltaTrainer``; DPO compares TRL's ``DPOTrainer`` + LoRA (policy and
-reference forwards) with ``DeltaDPOTrainer`` (student forward + one JVP whose primal is the reference).
+reference forwards) with ``DeltaDPOTrainer`` (teacher pass whose primal is the reference + student forward).
 
-Each (model, trainer) pair runs in its own child process so that peak memory is its own: on CUDA the peak of
-``torch.cuda.max_memory_allocated`` during the steps, on CPU (Linux) the peak RSS during the steps (reset through
-``/proc/self/clear_refs``) over the RSS with the model loaded: activations, gradients, optimizer state. Time is the median of ``training_step`` + optimizer step over
-``--steps`` steps after ``--warmup`` steps. Prints a table of ratios to plain LoRA and writes JSON.
+Built for shared machines: every trainer of a model lives in the same process and the timed steps are interleaved
+(A B C, B C A, ...), so that load from other processes hits every variant alike. Each step (``training_step`` +
+optimizer step) is timed in wall-clock and in process CPU time (``time.process_time``, immune to being descheduled);
+the table shows min / median / max and the median of the per-round ratios to LoRA. Peak memory is the peak of live
+tracked allocations during one extra step per trainer (on CUDA ``torch.cuda.max_memory_allocated``; on CPU the
+allocation/free events of the PyTorch profiler, summed in time order), over what was allocated before the step:
+activations, gradients and temporaries, independent of the allocator's caching and of RSS. Writes JSON.
 """
 
 from __future__ import annotations
@@ -19,20 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 
 TRAINERS = ("lora", "delta", "linear")
-
-
-def _proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _tiny_tokenizer():
@@ -45,7 +39,8 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _worker(args: argparse.Namespace) -> dict:
+def _build(args: argparse.Namespace, model_name: str, trainer_name: str):
+    """(trainer, batch, num_items) for one variant, with its own copy of the model, on the benchmark's batch."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -56,12 +51,12 @@ def _worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     tokenizer = None
-    if args.model == "tiny":
+    if model_name == "tiny":
         config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
         model = LlamaForCausalLM(config)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, attn_implementation="sdpa")
+        model, tokenizer = load_model_and_tokenizer(model_name, attn_implementation="sdpa")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = model.config.vocab_size
     ids = torch.randint(10, vocab, (args.batch_size, args.seq_len), device=device)
@@ -77,10 +72,10 @@ def _worker(args: argparse.Namespace) -> dict:
             "labels": ids.masked_fill(completion == 0, -100),
         }
         num_items = (batch["labels"][:, 1:] != -100).sum()
-        if args.trainer == "lora":
+        if trainer_name == "lora":
             trainer = Seq2SeqTrainer(model=get_peft_model(model, lora), args=Seq2SeqTrainingArguments(**common))
         else:
-            trainer = DeltaTrainer(model=model, args=DeltaConfig(delta_mode=args.trainer, **common), peft_config=lora)
+            trainer = DeltaTrainer(model=model, args=DeltaConfig(delta_mode=trainer_name, **common), peft_config=lora)
     else:
         # rows 0..B-1 chosen, B..2B-1 rejected: the collated layout of TRL's preference batches
         batch = {"input_ids": ids.repeat(2, 1), "attention_mask": torch.ones_like(ids).repeat(2, 1),
@@ -92,67 +87,116 @@ def _worker(args: argparse.Namespace) -> dict:
         tokenizer = tokenizer or _tiny_tokenizer()
         dpo = {"gradient_checkpointing": False, "max_length": args.seq_len, **common}
         data = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
-        if args.trainer == "lora":
+        if trainer_name == "lora":
             trainer = DPOTrainer(model=model, args=DPOConfig(**dpo), train_dataset=data, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
         else:
-            trainer = DeltaDPOTrainer(model=model, args=DeltaDPOConfig(delta_mode=args.trainer, **dpo),
+            trainer = DeltaDPOTrainer(model=model, args=DeltaDPOConfig(delta_mode=trainer_name, **dpo),
                                       train_dataset=data, processing_class=tokenizer, peft_config=lora)  # fmt: skip
-    trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + args.warmup)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     trainer.current_gradient_accumulation_steps = 1  # set by `train()`, which the benchmark bypasses
     trainer.model.to(device)
-    if device == "cuda":
+    return trainer, batch, num_items
+
+
+def _step(trainer, batch, num_items) -> None:
+    trainer.training_step(trainer.model, batch, num_items)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+
+
+def _timed_step(trainer, batch, num_items, cuda: bool) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
+    import torch
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    _step(trainer, batch, num_items)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _peak_step_memory(trainer, batch, num_items, cuda: bool) -> int:
+    """Peak of live tracked allocations during one step, over those live before it (bytes)."""
+    import torch
+
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base_memory = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
-        base_memory = _proc_status_bytes("VmRSS")
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        trainer.training_step(trainer.model, batch, num_items)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base_memory
-    else:
-        peak = _proc_status_bytes("VmHWM") - base_memory
-    return {"objective": args.objective, "model": args.model, "trainer": args.trainer, "device": device, "median_step_s": statistics.median(times),
-            "step_times_s": times, "peak_memory_bytes": peak}  # fmt: skip
+        before = torch.cuda.memory_allocated()
+        _step(trainer, batch, num_items)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _step(trainer, batch, num_items)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def run_model(args: argparse.Namespace, model_name: str) -> list[dict]:
+    """Every trainer of one model in this process; timed steps interleaved, rotating the order each round."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    built = {name: _build(args, model_name, name) for name in args.trainers}
+    for name, variant in built.items():
+        print(f"  warm-up {model_name} / {name}", flush=True)
+        for _ in range(args.warmup):
+            _step(*variant)
+    wall: dict[str, list[float]] = {name: [] for name in built}
+    cpu: dict[str, list[float]] = {name: [] for name in built}
+    names = list(built)
+    for round_ in range(args.steps):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            w, c = _timed_step(*built[name], cuda)
+            wall[name].append(w)
+            cpu[name].append(c)
+        print(f"  round {round_ + 1}/{args.steps}: " + ", ".join(f"{n} {cpu[n][-1]:.2f}s" for n in names), flush=True)
+    memory = {name: _peak_step_memory(*variant, cuda) for name, variant in built.items()}
+    rows = []
+    reference = "lora" if "lora" in built else names[0]
+    for name in names:
+        row = {"objective": args.objective, "model": model_name, "trainer": name, "device": "cuda" if cuda else "cpu",
+               "wall_s": _summary(wall[name]), "cpu_s": _summary(cpu[name]), "wall_steps_s": wall[name],
+               "cpu_steps_s": cpu[name], "peak_memory_bytes": memory[name]}  # fmt: skip
+        for kind, times in (("wall", wall), ("cpu", cpu)):
+            ratios = [a / b for a, b in zip(times[name], times[reference], strict=True)]
+            row[f"{kind}_ratio"] = _summary(ratios)
+        row["memory_ratio"] = memory[name] / max(memory[reference], 1)
+        rows.append(row)
+    return rows
 
 
 def main(args: argparse.Namespace) -> dict:
-    results = []
-    for model in args.models:
-        for trainer in TRAINERS:
-            command = [sys.executable, __file__, "--worker", "--model", model, "--trainer", trainer, "--objective", args.objective,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch_size",
-                       str(args.batch_size), "--seq_len", str(args.seq_len)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
-            print(f"running {args.objective}: {model} / {trainer} ...", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{model} / {trainer} failed:\n{done.stderr[-3000:]}")
-            out = done.stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     rows = []
-    for model in args.models:
-        base = next(r for r in results if r["model"] == model and r["trainer"] == "lora")
-        for r in (r for r in results if r["model"] == model):
-            r["time_ratio"] = r["median_step_s"] / base["median_step_s"]
-            r["memory_ratio"] = r["peak_memory_bytes"] / max(base["peak_memory_bytes"], 1)
-            rows.append(r)
-    print(f"\n{args.objective}: batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
-    print(f"{'model':<10} {'trainer':<8} {'median step (s)':>16} {'time x LoRA':>12} {'peak mem (MiB)':>15} "
-          f"{'mem x LoRA':>11}")  # fmt: skip
+    for model_name in args.models:
+        print(f"running {args.objective}: {model_name} / {', '.join(args.trainers)} ...", flush=True)
+        rows += run_model(args, model_name)
+    print(f"\n{args.objective}: batch {args.batch_size} x {args.seq_len} tokens ({'pairs' if args.objective == 'dpo' else 'rows'}), "
+          f"{args.steps} interleaved rounds after {args.warmup} warm-up steps, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; ratios: median of per-round ratios to LoRA [min, max]")  # fmt: skip
+    print(f"{'model':<10} {'trainer':<7} {'CPU s min/med/max':>20} {'CPU x LoRA':>20} {'wall s med':>10} "
+          f"{'wall x LoRA':>20} {'peak MiB':>9} {'mem x LoRA':>10}")  # fmt: skip
     for r in rows:
-        print(f"{r['model']:<10} {r['trainer']:<8} {r['median_step_s']:>16.4f} {r['time_ratio']:>12.2f} "
-              f"{r['peak_memory_bytes'] / 2**20:>15.1f} {r['memory_ratio']:>11.2f}")  # fmt: skip
+        c, w, cr, wr = r["cpu_s"], r["wall_s"], r["cpu_ratio"], r["wall_ratio"]
+        print(f"{r['model']:<10} {r['trainer']:<7} {c['min']:>6.2f}/{c['median']:>6.2f}/{c['max']:>6.2f} "
+              f"{cr['median']:>6.2f} [{cr['min']:.2f}, {cr['max']:.2f}] {w['median']:>10.2f} "
+              f"{wr['median']:>6.2f} [{wr['min']:.2f}, {wr['max']:.2f}] {r['peak_memory_bytes'] / 2**20:>9.1f} "
+              f"{r['memory_ratio']:>10.2f}")  # fmt: skip
     report = {"settings": vars(args), "results": rows}
     output = Path(args.output or f"bench/results/step_cost_{args.objective}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -165,21 +209,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objective", choices=("sft", "dpo"), default="sft", help="SFT (DeltaTrainer) or DPO")
     parser.add_argument("--models", nargs="+", default=["tiny", "embedded"], help="`tiny`, `embedded` or model ids")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    parser.add_argument("--steps", type=int, default=10, help="interleaved timed rounds (one step per trainer each)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=4, help="rows (SFT) or preference pairs (DPO)")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only: ~10x slower on CPUs)")
     parser.add_argument("--output", default=None, help="default: bench/results/step_cost_<objective>.json")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--trainer", choices=TRAINERS, help=argparse.SUPPRESS)
     return parser
 
 
 if __name__ == "__main__":
-    arguments = make_parser().parse_args()
-    if arguments.worker:
-        print(json.dumps(_worker(arguments)))
-    else:
-        main(arguments)
+    main(make_parser().parse_args())

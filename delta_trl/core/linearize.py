@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -205,8 +207,11 @@ def linearized_forward(
         return (outputs.logits, *(hidden[i] for i in hidden_layers))
 
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
-    grad_mode = torch.enable_grad() if differentiable and torch.is_grad_enabled() else torch.no_grad()
-    with jvp_safe_mode(model), scaled_adapters(model, others), grad_mode:
+    graph = differentiable and torch.is_grad_enabled()
+    grad_mode = torch.enable_grad() if graph else torch.no_grad()
+    # the one-matmul rule is not differentiable in reverse mode: only without a graph through the tangent
+    frozen = contextlib.nullcontext() if graph else frozen_linear_jvp(model)
+    with jvp_safe_mode(model), frozen, scaled_adapters(model, others), grad_mode:
         primals, tangents = torch.func.jvp(forward, (zero,), (torch.ones_like(zero),))
     return LinearizedOutput(
         base_logits=primals[0].detach(),
@@ -274,4 +279,280 @@ def linearized_loss(
         lora_a, lora_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         update = lora_b(lora_a(x.to(lora_a.weight.dtype))) * layer.scaling[adapter_name]
         surrogate = surrogate + (delta.detach().to(update.dtype) * update).sum().to(surrogate.dtype)
+    return loss.detach() + surrogate - surrogate.detach()
+
+
+# ---- the exact teacher at its cost floor (docs/ARCHITECTURE.md, "Cost") ---------------------------------------------
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``y = x·Wᵀ + b`` for a frozen ``W``, ``b``, with the one-matmul forward-mode rule ``ẏ = ẋ·Wᵀ``.
+
+    PyTorch's forward-AD formula for a linear layer is ``ẋ·Wᵀ + x·Ẇᵀ``, and a frozen ``W`` gets a materialised zero
+    tangent ``Ẇ``, so every frozen layer costs three matmuls in a JVP instead of two. The result is bit-identical.
+    Reverse mode: ``∂L/∂x = ∂L/∂y·W`` (no weight gradient: the weight is frozen).
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return grad_output @ weight, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: torch.Tensor | None, *_: Any) -> torch.Tensor | None:
+        (weight,) = ctx.saved_tensors
+        return None if x_tangent is None else F.linear(x_tangent, weight)
+
+
+def _frozen_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenLinear.apply(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def frozen_linear_jvp(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every frozen ``nn.Linear`` of ``model`` (base layers under LoRA, the LM head) propagates
+    tangents with one matmul (:class:`_FrozenLinear`). Nothing changes under autocast (the rule would bypass its
+    casts) or for layers with a trainable weight or bias (the LoRA factors)."""
+    patched: list[torch.nn.Module] = []
+    try:
+        if not torch.is_autocast_enabled():
+            for module in model.modules():
+                frozen = not module.weight.requires_grad if type(module) is torch.nn.Linear else False
+                if frozen and (module.bias is None or not module.bias.requires_grad) and "forward" not in vars(module):
+                    module.forward = _frozen_linear_forward.__get__(module)
+                    patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def lora_factor_gradients(
+    x: torch.Tensor, delta: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``S = ⟨δ, s·x·Aᵀ·Bᵀ⟩`` w.r.t. ``A`` ``(r, d_in)`` and ``B`` ``(d_out, r)``, for a layer input
+    ``x`` ``(…, d_in)`` and output cotangent ``δ`` ``(…, d_out)`` flattened to ``X`` ``(M, d_in)``, ``D`` ``(M, d_out)``::
+
+        ∂S/∂A = s·(D·B)ᵀ·X        ∂S/∂B = s·Dᵀ·(X·Aᵀ)
+
+    (r×d work on top of the two thin matmuls; no activation-sized tensor outlives the call).
+    """
+    x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+    d2 = delta.reshape(-1, delta.shape[-1]).to(lora_b.dtype)
+    return scaling * (d2 @ lora_b).T @ x2, scaling * d2.T @ (x2 @ lora_a.T)
+
+
+def _strip_tangent(tensor: torch.Tensor) -> torch.Tensor:
+    # A tensor saved for the reverse pass keeps its forward-AD tangent alive until the dual level closes; a detached
+    # alias (same storage, no tangent, no autograd meta) lets each tangent die once the forward has moved past it.
+    return tensor.detach()
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _cut_tangent_graph(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: the same output with its tangent detached from the reverse graph.
+
+    With grad mode on, autograd also records the forward-AD tangent formulas (they read primal activations that
+    require grad), so a live tangent would keep the whole tangent graph behind it. Re-attaching a detached tangent
+    at every module boundary bounds that graph to one module; the reverse graph of the primal is unchanged
+    (``make_dual`` returns a view of the primal).
+    """
+    if isinstance(output, torch.Tensor):
+        primal, tangent = fwAD.unpack_dual(output)
+        if tangent is not None and tangent.requires_grad:
+            return fwAD.make_dual(primal, tangent.detach())
+    return None
+
+
+@dataclass
+class TeacherPass:
+    """One θ0 forward of the linearized teacher, on the rows (positions) a loss reads.
+
+    Attributes:
+        rows: ``(B, T)`` bool, the positions whose logits were computed (row ``i`` of the logits is the ``i``-th
+            ``True`` position in row-major order).
+        base_logits: ``f(x; θ0)`` on those rows, ``(N, V)``, detached (also the DPO reference).
+        tangent_logits: ``J f(x; θ0)·τ`` on those rows, ``(N, V)``, detached.
+        base_hidden / tangent_hidden: the requested hidden states at θ0 and their tangents, ``(B, T, H)``, detached.
+    """
+
+    rows: torch.Tensor
+    base_logits: torch.Tensor
+    tangent_logits: torch.Tensor
+    base_hidden: tuple[torch.Tensor, ...]
+    tangent_hidden: tuple[torch.Tensor, ...]
+    _root: torch.Tensor | None = None  # base logits with the θ0 reverse graph
+    _captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] | None = None  # (layer, x_l, y_l) per LoRA layer
+
+    def logits(self, alpha: float = 1.0) -> torch.Tensor:
+        """``f_lin(x; α·τ) = f(x; θ0) + α·J f(x; θ0)·τ`` on the rows, ``(N, V)``."""
+        return self.base_logits + alpha * self.tangent_logits
+
+    def hidden(self, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
+        return tuple(h0 + alpha * dh for h0, dh in zip(self.base_hidden, self.tangent_hidden, strict=True))
+
+    def full_logits(self, alpha: float = 1.0) -> torch.Tensor:
+        """The linearized logits scattered into ``(B, T, V)``, zero off the rows (for metrics that index rows)."""
+        full = self.base_logits.new_zeros((*self.rows.shape, self.base_logits.shape[-1]))
+        full[self.rows] = self.logits(alpha)
+        return full
+
+
+@contextlib.contextmanager
+def logits_on_rows(model: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """The LM head computes only the given rows: its input ``(B, T, H)`` becomes ``(N, H)``, the logits ``(N, V)``."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError("The model has no output embeddings (LM head); the linearized teacher needs one.")
+
+    def select(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if hidden.shape[:2] != rows.shape:
+            raise ValueError(
+                f"The LM head got input {tuple(hidden.shape)}, expected (B, T, H) with (B, T) = {rows.shape}."
+            )
+        return (hidden[rows], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def linearized_teacher_forward(
+    model: PeftModel,
+    inputs: Mapping[str, Any],
+    adapter_name: str,
+    rows: torch.Tensor,
+    hidden_layers: Sequence[int] = (),
+    *,
+    forward_model: torch.nn.Module | None = None,
+) -> TeacherPass:
+    """``f(x; θ0)`` and ``J f(x; θ0)·τ`` of one adapter in ONE forward pass, keeping the reverse graph of the primal.
+
+    The adapter's LoRA scaling is multiplied by a forward-mode dual number ``ε = 0 + 1·dε`` (every other adapter by
+    0), so one forward at θ0 carries primal and tangent together. Unlike :func:`linearized_forward` + a second θ0
+    forward (:func:`linearized_loss`), the primal's reverse graph is recorded during this same pass, and
+    :func:`linearized_teacher_loss` backpropagates through it. Costs are cut where they are not needed:
+
+    - frozen linear layers propagate tangents with one matmul (:func:`frozen_linear_jvp`);
+    - the LM head runs on ``rows`` only (primal, tangent and its reverse pass), e.g. the supervised positions;
+    - saved tensors drop their tangents and tangents are cut from the reverse graph at module boundaries, so the
+      memory is one forward's activations, as for an ordinary training forward.
+
+    The model runs in eval mode, without activation checkpointing and with SDPA on its MATH kernel
+    (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward, e.g. the DDP wrapper
+    when no other forward of the step goes through it (``model`` by default). Call with grad mode on for training;
+    under ``torch.no_grad()`` no graph is kept and :func:`linearized_teacher_loss` returns the value only.
+    """
+    check_linear_lora(model, adapter_name)
+    check_jvp_support(model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
+    kwargs = forward_kwargs(base, inputs, embed=True)
+    kwargs["output_hidden_states"] = bool(hidden_layers)
+    others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
+    training = torch.is_grad_enabled()
+    layers = lora_layers(model, adapter_name)
+    layer_set = set(layers)
+    captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] = []
+
+    def capture(layer: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        cut = _cut_tangent_graph(layer, args, output)
+        output = output if cut is None else cut
+        captured.append((layer, args[0].detach(), output))  # x_l at θ0 (detach() also drops its tangent)
+        return output  # δ_l is taken at this tensor
+
+    handles = []
+    if training:
+        skip = {base, getattr(base, "model", None)}
+        handles += [
+            m.register_forward_hook(_cut_tangent_graph) for m in base.modules() if m not in skip and m not in layer_set
+        ]
+        handles += [layer.register_forward_hook(capture) for layer in layers]
+    saved = (
+        torch.autograd.graph.saved_tensors_hooks(_strip_tangent, _identity) if training else contextlib.nullcontext()
+    )
+    zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    try:
+        with (
+            jvp_safe_mode(model),
+            frozen_linear_jvp(model),
+            scaled_adapters(model, others),
+            logits_on_rows(base, rows),
+            fwAD.dual_level(),
+            saved,
+        ):
+            with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, torch.ones_like(zero))}):
+                outputs = (forward_model or model)(**kwargs)
+            logits = fwAD.unpack_dual(outputs.logits)
+            hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
+            hidden = [fwAD.unpack_dual(hidden[i]) for i in hidden_layers]
+            tangent_logits = logits.tangent.detach()
+            base_hidden = tuple(h.primal.detach() for h in hidden)
+            tangent_hidden = tuple(h.tangent.detach() for h in hidden)
+            root = logits.primal
+            del outputs, hidden, logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return TeacherPass(
+        rows=rows,
+        base_logits=root.detach(),
+        tangent_logits=tangent_logits,
+        base_hidden=base_hidden,
+        tangent_hidden=tangent_hidden,
+        _root=root if training else None,
+        _captured=captured if training else None,
+    )
+
+
+def linearized_teacher_loss(
+    model: PeftModel,
+    adapter_name: str,
+    teacher: TeacherPass,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """``L(f_lin(x; α·τ))`` on the pass's rows, with the exact gradient w.r.t. the adapter's LoRA factors.
+
+    With ``T = J f(θ0)·τ`` and ``u = ∂L/∂z`` at ``z = f(θ0) + α·T`` (``(N, V)``), the gradient is ``α·(∂T/∂θ_τ)ᵀ·u``.
+    The adapter's output ``s·B_l·A_l·x_l`` enters each layer additively, so ``⟨T, α·u⟩ = Σ_l ⟨δ_l, s·B_l·A_l·x_l⟩``
+    with ``δ_l = ∂⟨f(θ0), α·u⟩/∂y_l``: one reverse pass through the pass's θ0 graph gives every ``δ_l``, and
+    :func:`lora_factor_gradients` turns them into ``G_A``, ``G_B``. The returned tensor has the value of ``L`` and the
+    gradient of ``Σ_l ⟨G_A,l, A_l⟩ + ⟨G_B,l, B_l⟩`` (``G`` fixed), i.e. exactly ``∂L/∂A_l = G_A,l``, ``∂L/∂B_l = G_B,l``.
+    ``loss_fn`` maps ``(N, V)`` logits to a scalar. Consumes the pass's graph (a second call raises).
+    """
+    logits = teacher.logits(alpha)
+    if teacher._captured is None or not torch.is_grad_enabled():  # evaluation: the value is all that is needed
+        return loss_fn(logits)
+    if teacher._root is None:
+        raise ValueError("This TeacherPass has no θ0 graph left: its loss was already taken.")
+    logits.requires_grad_(True)
+    loss = loss_fn(logits)
+    (cotangent,) = torch.autograd.grad(loss, logits)
+    captured, root = teacher._captured, teacher._root
+    teacher._captured, teacher._root = [], None  # consumed: the graph is freed as soon as δ_l are taken
+    deltas = torch.autograd.grad(root, [y for _, _, y in captured], grad_outputs=alpha * cotangent, allow_unused=True)
+    surrogate = loss.new_zeros(())
+    for (layer, x, _), delta in zip(captured, deltas, strict=True):
+        if delta is None:  # the layer does not reach the rows' logits (e.g. an unused branch)
+            continue
+        lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        with torch.no_grad():
+            grad_a, grad_b = lora_factor_gradients(x, delta, lora_a, lora_b, layer.scaling[adapter_name])
+        surrogate = surrogate + ((grad_a * lora_a).sum() + (grad_b * lora_b).sum()).to(surrogate.dtype)
     return loss.detach() + surrogate - surrogate.detach()

@@ -12,14 +12,21 @@ from transformers.modeling_outputs import ModelOutput
 from trl import DPOTrainer
 
 from delta_trl.core.adapters import lora_layers, scaled_adapters, unparked
-from delta_trl.core.linearize import linearized_forward, linearized_loss
+from delta_trl.core.linearize import (
+    TeacherPass,
+    linearized_forward,
+    linearized_loss,
+    linearized_teacher_forward,
+    linearized_teacher_loss,
+    logits_on_rows,
+)
 from delta_trl.core.losses import (
-    completion_logps,
     delta_objective,
     dpo_loss,
     hidden_distillation_loss,
     supervised_mask,
 )
+from delta_trl.core.rows import row_targets, rows_sequence_logps
 from delta_trl.training.configs import DeltaDPOConfig
 from delta_trl.training.trainer_base import DeltaTrainerMixin, add_delta_adapters, check_delta_inputs
 
@@ -113,55 +120,76 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
         model_kwargs["use_cache"] = False
         with_teacher = linear or (training and self._teacher_name is not None)
 
-        linearized = teacher = teacher_loss = None
+        # every log-prob is taken on the completion rows only ((N, V), never a (B, T, V) log-softmax)
+        rows, targets = row_targets(labels, shift=True)
+
+        def sequence_logps(row_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return rows_sequence_logps(row_logits, targets, rows).chunk(2)
+
+        teacher = teacher_loss = None
         metrics: dict[str, Any] = {}
-        if with_teacher:
+        if with_teacher:  # first, so that its θ0 graph is freed before the student's graph exists
             adapter = self._student_name if linear else self._teacher_name
             with contextlib.nullcontext() if linear else unparked(unwrapped, adapter):
-                linearized = linearized_forward(
-                    unwrapped, model_kwargs, adapter, args.distill_layers, differentiable=False
-                )
-                ref_chosen, ref_rejected = self._reference_logps(
-                    model, unwrapped, inputs, model_kwargs, labels, linearized
-                )
+                wrapped = linear and model is not unwrapped and torch.is_grad_enabled()
+                if wrapped:
+                    # DDP/DeepSpeed wrap outputs in autograd functions without a forward-mode rule, and `linear`'s θ0
+                    # pass must go through the wrapper: a no-graph JVP, then a wrapped θ0 pass (linearized_loss)
+                    full = linearized_forward(unwrapped, model_kwargs, adapter, (), differentiable=False)
+                    teacher = TeacherPass(rows, full.base_logits[rows], full.tangent_logits[rows], (), ())
+                else:
+                    teacher = linearized_teacher_forward(
+                        unwrapped, model_kwargs, adapter, rows, () if linear else args.distill_layers
+                    )
+                ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, teacher)
 
-                def teacher_dpo(logits: torch.Tensor) -> torch.Tensor:
-                    chosen, rejected = completion_logps(logits, labels).chunk(2)
+                def teacher_dpo(row_logits: torch.Tensor) -> torch.Tensor:
+                    chosen, rejected = sequence_logps(row_logits)
                     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta).losses.mean()
 
-                # `linear` runs no other forward through the DDP wrapper, which reduces only what went through it
-                teacher_loss = linearized_loss(
-                    unwrapped,
-                    model_kwargs,
-                    adapter,
-                    linearized,
-                    teacher_dpo,
-                    alpha,
-                    forward_model=model if linear else None,
-                )
-            teacher_logps = completion_logps(linearized.logits(alpha), labels).chunk(2)
-            teacher = dpo_loss(*teacher_logps, ref_chosen, ref_rejected, beta=args.beta)  # for the metrics
+                if wrapped:
+                    teacher_loss = linearized_loss(
+                        unwrapped,
+                        model_kwargs,
+                        adapter,
+                        full,
+                        lambda z: teacher_dpo(z[rows]),
+                        alpha,
+                        forward_model=model,
+                    )
+                else:
+                    teacher_loss = linearized_teacher_loss(unwrapped, adapter, teacher, teacher_dpo, alpha)
+            teacher_logps = sequence_logps(teacher.logits(alpha))
+            teacher_dpo_output = dpo_loss(*teacher_logps, ref_chosen, ref_rejected, beta=args.beta)  # for the metrics
             if not linear:
-                metrics |= {"delta/teacher_loss": teacher_loss, **_reward_metrics(teacher, "delta/teacher_")}
+                metrics |= {
+                    "delta/teacher_loss": teacher_loss,
+                    **_reward_metrics(teacher_dpo_output, "delta/teacher_"),
+                }
         else:
-            ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, labels, None)
+            ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, None)
+        logits = None
         if linear:
-            loss, policy, logits, policy_logps = teacher_loss, teacher, linearized.logits(alpha), teacher_logps
+            loss, policy, policy_logps = teacher_loss, teacher_dpo_output, teacher_logps
+            if return_outputs:
+                logits = teacher.full_logits(alpha)
         else:
-            with self._student_at(unwrapped, alpha):
+            base = unwrapped.get_base_model()
+            # without `return_outputs` nobody reads the student's logits off the completion rows: the LM head skips them
+            on_rows = contextlib.nullcontext() if return_outputs else logits_on_rows(base, rows)
+            with self._student_at(unwrapped, alpha), on_rows:
                 outputs = model(**model_kwargs, output_hidden_states=training)
-            logits = outputs.logits
-            policy_logps = completion_logps(logits, labels).chunk(2)
+            row_logits = outputs.logits[rows] if return_outputs else outputs.logits
+            logits = outputs.logits if return_outputs else None
+            policy_logps = sequence_logps(row_logits)
             policy = dpo_loss(*policy_logps, ref_chosen, ref_rejected, beta=args.beta)
             metrics["delta/task_loss"] = policy.losses.mean()
             distill = None
             if teacher is not None:
                 mask = supervised_mask(labels, shift=True)
                 distill = sum(
-                    hidden_distillation_loss(
-                        outputs.hidden_states[layer], teacher_hidden, mask, normalization=args.distill_normalization
-                    )
-                    for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
+                    hidden_distillation_loss(outputs.hidden_states[layer], teacher_hidden, mask)
+                    for layer, teacher_hidden in zip(args.distill_layers, teacher.hidden(alpha), strict=True)
                 )
                 metrics |= {"delta/distill_loss": distill, "delta/alpha": alpha}
             # every term is a micro-batch mean (loss_is_scaled_for_ga = False): the Trainer divides by accumulation
@@ -182,16 +210,18 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
         self._record_metrics(training, {k: torch.as_tensor(v).detach() for k, v in metrics.items()})
         return (loss, ModelOutput(loss=loss, logits=logits)) if return_outputs else loss
 
-    def _reference_logps(self, model, unwrapped, inputs, model_kwargs, labels, linearized):
+    def _reference_logps(self, model, unwrapped, inputs, model_kwargs, teacher):
         if self._reference == "precomputed":
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         if self._reference == "ref_model":
             return self.compute_ref_log_probs(self.ref_model, inputs)
-        if linearized is not None:  # the JVP's primal is f(θ0): the reference, for free
-            return completion_logps(linearized.base_logits, labels).chunk(2)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        rows, targets = row_targets(labels, shift=True)
+        if teacher is not None:  # the teacher pass's primal is f(θ0) on the completion rows: the reference, for free
+            return rows_sequence_logps(teacher.base_logits, targets, rows).chunk(2)
         adapters = dict.fromkeys(unwrapped.peft_config, 0.0)
-        with torch.no_grad(), scaled_adapters(unwrapped, adapters):
-            return completion_logps(model(**model_kwargs).logits, labels).chunk(2)
+        with torch.no_grad(), scaled_adapters(unwrapped, adapters), logits_on_rows(unwrapped.get_base_model(), rows):
+            return rows_sequence_logps(model(**model_kwargs).logits, targets, rows).chunk(2)
 
 
 def _reward_metrics(output, prefix: str) -> dict[str, torch.Tensor]:

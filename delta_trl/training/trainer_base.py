@@ -43,6 +43,8 @@ from delta_trl.core.linearize import (
     hidden_states_of,
     linearized_forward,
     linearized_loss,
+    linearized_teacher_forward,
+    linearized_teacher_loss,
 )
 from delta_trl.core.losses import (
     delta_objective,
@@ -51,6 +53,7 @@ from delta_trl.core.losses import (
     supervised_mask,
     token_cross_entropy,
 )
+from delta_trl.core.rows import row_targets, rows_cross_entropy
 from delta_trl.curvature.cache import load_or_estimate_curvature
 from delta_trl.curvature.factors import curvature_penalty
 from delta_trl.data import load_text_dataset
@@ -299,15 +302,42 @@ class DeltaTrainerMixin:
         def task_loss_of(logits: torch.Tensor) -> torch.Tensor:
             return token_cross_entropy(logits, labels, shift=shift, num_items=num_items) * scale
 
+        rows, targets = row_targets(labels, shift=shift)
+
+        def rows_task_loss(logits: torch.Tensor) -> torch.Tensor:  # the same loss on the supervised rows (N, V)
+            return rows_cross_entropy(logits, targets, num_items) * scale
+
         if args.delta_mode == "linear":
-            linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
-            # through the wrapped model: no other forward of this step goes through DDP, which reduces gradients
-            loss = linearized_loss(
-                unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha, forward_model=model
-            )
-            logits = linearized.logits(alpha)
+            if not (training and torch.is_grad_enabled()):  # evaluation: the whole linearized logits, no graph
+                linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
+                logits = linearized.logits(alpha)
+                loss = task_loss_of(logits)
+            elif model is not unwrapped:
+                # DDP/DeepSpeed wrap outputs in autograd functions without a forward-mode rule, and the θ0 pass must
+                # go through the wrapper (its only forward of the step): a no-graph JVP, then a wrapped θ0 pass
+                linearized = linearized_forward(unwrapped, inputs, self._student_name, differentiable=False)
+                loss = linearized_loss(
+                    unwrapped, inputs, self._student_name, linearized, task_loss_of, alpha, forward_model=model
+                )
+                logits = linearized.logits(alpha)
+            else:
+                # one θ0 pass, through the wrapped model: no other forward of this step goes through DDP, which
+                # reduces gradients only for a step whose forward went through it
+                teacher = linearized_teacher_forward(unwrapped, inputs, self._student_name, rows, forward_model=model)
+                loss = linearized_teacher_loss(unwrapped, self._student_name, teacher, rows_task_loss, alpha)
+                logits = teacher.full_logits(alpha)
             self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
             return loss, ModelOutput(loss=loss, logits=logits)
+
+        metrics: dict[str, Any] = {}
+        distill_loss = teacher_loss = teacher_states = None
+        if training and self._teacher_name:
+            # the teacher first: its θ0 graph is freed before the student's graph exists (peak memory)
+            with unparked(unwrapped, self._teacher_name):
+                teacher = linearized_teacher_forward(unwrapped, inputs, self._teacher_name, rows, args.distill_layers)
+                teacher_loss = linearized_teacher_loss(unwrapped, self._teacher_name, teacher, rows_task_loss, alpha)
+            teacher_states = teacher.hidden(alpha)
+            del teacher
 
         student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
         with self._student_at(unwrapped, alpha):
@@ -317,24 +347,11 @@ class DeltaTrainerMixin:
             self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
             return task_loss, outputs
 
-        metrics: dict[str, Any] = {}
-        distill_loss = teacher_loss = None
         if self._teacher_name:
-            with unparked(unwrapped, self._teacher_name):
-                linearized = linearized_forward(
-                    unwrapped, inputs, self._teacher_name, args.distill_layers, differentiable=False
-                )
-                teacher_loss = linearized_loss(unwrapped, inputs, self._teacher_name, linearized, task_loss_of, alpha)
             student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
             distill_loss = scale * sum(
-                hidden_distillation_loss(
-                    student_hidden[layer],
-                    teacher_hidden,
-                    mask,
-                    num_items=num_items,
-                    normalization=args.distill_normalization,
-                )
-                for layer, teacher_hidden in zip(args.distill_layers, linearized.hidden(alpha), strict=True)
+                hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
+                for layer, teacher_hidden in zip(args.distill_layers, teacher_states, strict=True)
             )
             metrics |= {
                 "delta/alpha": alpha,

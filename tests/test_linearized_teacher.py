@@ -1,0 +1,129 @@
+"""The one-pass linearized teacher (``linearized_teacher_forward`` + ``linearized_teacher_loss``) against backprop
+through the JVP, in fp64, on a tiny Llama and a tiny T5 built from random configs."""
+
+import pytest
+import torch
+from conftest import make_llama, make_t5
+from peft import LoraConfig, get_peft_model
+from torch.testing import assert_close
+
+from delta_trl.core.adapters import add_teacher_adapter, unparked
+from delta_trl.core.linearize import (
+    frozen_linear_jvp,
+    linearized_forward,
+    linearized_teacher_forward,
+    linearized_teacher_loss,
+)
+from delta_trl.core.losses import completion_logps, dpo_loss, token_cross_entropy
+from delta_trl.core.rows import row_targets, rows_cross_entropy, rows_sequence_logps
+
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}
+
+
+def _peft(kind: str, attn: str = "sdpa"):
+    base = make_llama(attn_implementation=attn) if kind == "llama" else make_t5(attn_implementation=attn)
+    task = "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM"
+    model = get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS[kind], task_type=task))
+    add_teacher_adapter(model, "default", "teacher", teacher_r=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    return model.double()
+
+
+def _inputs(kind: str):
+    torch.manual_seed(2)
+    ids = torch.randint(2, 300, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    if kind == "t5":
+        labels = torch.randint(2, 300, (2, 4))
+        labels[1, 3] = -100
+    else:
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :2] = -100  # a prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_one_pass_teacher_gradient_equals_backprop_through_the_jvp(kind, attn):
+    model = _peft(kind, attn)
+    inputs = _inputs(kind)
+    shift = kind == "llama"
+    labels = inputs["labels"]
+    rows, targets = row_targets(labels, shift=shift)
+    alpha, num_items = 1.3, 7
+    teacher = [p for n, p in model.named_parameters() if ".teacher." in n]
+    student = [p for n, p in model.named_parameters() if ".default." in n]
+    model.train()
+    with unparked(model, "teacher"):
+        lin = linearized_forward(model, inputs, "teacher", (-1,))  # graph through the tangent
+        reference = token_cross_entropy(lin.logits(alpha), labels, shift=shift, num_items=num_items)
+        expected = torch.autograd.grad(reference, teacher)
+        one_pass = linearized_teacher_forward(model, inputs, "teacher", rows, (-1,))
+        loss = linearized_teacher_loss(
+            model, "teacher", one_pass, lambda z: rows_cross_entropy(z, targets, num_items), alpha
+        )
+        got = torch.autograd.grad(loss, teacher + student, allow_unused=True)
+    assert model.training  # the state is restored
+    assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    assert max(g.abs().max() for g in expected) > 1e-3
+    error = max((g - e).abs().max().item() for g, e in zip(got, expected, strict=False))
+    print(f"{kind}/{attn}: max |grad error| = {error:.2e}")
+    # Llama's eager attention takes its softmax in fp32 even in an fp64 model: ~1e-9 there, rounding elsewhere
+    assert error < (1e-8 if (kind, attn) == ("llama", "eager") else 1e-14)
+    assert all(g is None or g.abs().max() == 0 for g in got[len(teacher) :])  # the student gets nothing
+    full = lin.logits(alpha).detach()
+    assert_close(one_pass.logits(alpha), full[rows], rtol=1e-12, atol=1e-12)
+    assert_close(one_pass.full_logits(alpha)[rows], full[rows])
+    assert_close(one_pass.hidden(alpha)[0], lin.hidden(alpha)[0].detach(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="no θ0 graph"):
+        linearized_teacher_loss(model, "teacher", one_pass, lambda z: z.sum(), alpha)
+
+
+def test_one_pass_teacher_without_grad_keeps_no_graph_and_gives_the_value():
+    model = _peft("llama")
+    inputs = _inputs("llama")
+    rows, targets = row_targets(inputs["labels"], shift=True)
+    with unparked(model, "teacher"), torch.no_grad():
+        one_pass = linearized_teacher_forward(model, inputs, "teacher", rows)
+        value = linearized_teacher_loss(model, "teacher", one_pass, lambda z: rows_cross_entropy(z, targets), 0.5)
+        lin = linearized_forward(model, inputs, "teacher")
+    assert not value.requires_grad
+    assert_close(value, token_cross_entropy(lin.logits(0.5), inputs["labels"], shift=True))
+
+
+def test_frozen_linear_rule_is_bit_identical_and_leaves_nothing_patched():
+    model = _peft("llama")
+    inputs = _inputs("llama")
+    with unparked(model, "teacher"), torch.no_grad():
+        lin = linearized_forward(model, inputs, "teacher")  # the rule is on without a graph
+        with frozen_linear_jvp(model):
+            patched = [m for m in model.modules() if "forward" in vars(m)]
+    assert patched
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+    with unparked(model, "teacher"):
+        reference = linearized_forward(model, inputs, "teacher")  # graph kept: PyTorch's own rule
+    assert torch.equal(lin.tangent_logits, reference.tangent_logits.detach())
+
+
+def test_row_losses_equal_the_full_tensor_losses():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (4, 7))
+    labels[:, :3] = -100
+    labels[2, 5:] = -100
+    rows, targets = row_targets(labels, shift=True)
+    assert_close(rows_cross_entropy(logits[rows], targets), token_cross_entropy(logits, labels, shift=True))
+    assert_close(
+        rows_cross_entropy(logits[rows], targets, 5), token_cross_entropy(logits, labels, shift=True, num_items=5)
+    )
+    assert_close(rows_sequence_logps(logits[rows], targets, rows), completion_logps(logits, labels))
+    rows, targets = row_targets(labels, shift=False)
+    assert_close(rows_cross_entropy(logits[rows], targets), token_cross_entropy(logits, labels, shift=False))
+    chosen, rejected = rows_sequence_logps(logits[rows], targets, rows).chunk(2)
+    assert dpo_loss(chosen, rejected, chosen, rejected, beta=0.1).losses.shape == (2,)
