@@ -130,15 +130,15 @@ def test_validation_split_is_disjoint_by_prompt_and_seeded():
 
 
 def _scored_calls(monkeypatch) -> list[tuple[str, dict]]:
-    """Record (split, factors) of every scoring call; the split is recognised by the prompts it holds."""
+    """Record (first prompt, factors) of every point scored; the split is recognised by the prompts it holds."""
     calls = []
-    original = task_scores.score_task
+    original = task_scores.score_task_many
 
-    def spy(model, tokenizer, data, factors, **kwargs):
-        calls.append((data.prompts[0], dict(factors)))
-        return original(model, tokenizer, data, factors, **kwargs)
+    def spy(model, tokenizer, data, factor_sets, **kwargs):
+        calls.extend((data.prompts[0], dict(factors)) for factors in factor_sets)
+        return original(model, tokenizer, data, factor_sets, **kwargs)
 
-    monkeypatch.setattr(task_scores, "score_task", spy)
+    monkeypatch.setattr(task_scores, "score_task_many", spy)
     return calls
 
 
@@ -362,3 +362,35 @@ def test_shipped_experiment_files_parse():
             kind = "dpo" if "dpo" in path.name else ("seq2seq" if "t5" in config.model else "sft")
             accepted = {f.name for f in runner.dataclasses.fields(runner.config_class(kind))} | {"max_length"}
             assert set(config.training_for(method)) <= accepted, (path, method)
+
+
+@pytest.mark.distributed
+def test_experiment_under_torchrun_two_processes(tmp_path, tiny_llama_dir):
+    """Two gloo ranks train every task vector together; the main process alone evaluates, merges and reports."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = _config(tmp_path, tiny_llama_dir)
+    raw["training"] |= {"per_device_train_batch_size": 2, "max_steps": 2}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run([*launch, "-m", "delta_trl.experiment", str(path)], env=env, capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("| method | mean individual |") == 1  # one report, from the main process
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["methods"]) == {"nonlinear", "delta"}
+    for method in ("nonlinear", "delta"):
+        for task in ("parity", "size"):
+            record = json.loads((tmp_path / "run" / "vectors" / method / task / "vector.json").read_text())
+            assert record["steps"] == 2
+        assert (tmp_path / "run" / "merged" / method / "adapter_model.safetensors").is_file()

@@ -6,7 +6,8 @@ import torch
 from conftest import make_llama, make_t5
 from peft import LoraConfig, get_peft_model
 
-from delta_trl.evaluation.scoring import ClassificationSet, class_scores
+from delta_trl.core.linearize import linearized_forward
+from delta_trl.evaluation.scoring import ClassificationSet, class_scores, class_scores_many, merged_logits
 from delta_trl.evaluation.task_scores import (
     TaskEvalSet,
     greedy_answers,
@@ -94,3 +95,34 @@ def test_closed_and_open_scores(tiny_tokenizer):
         assert score_task(model, tiny_tokenizer, closed, {"default": 1.0})["score"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="not among the candidates"):
         TaskEvalSet("closed", prompts[:1], [" 7"], candidates=[" 5"])
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+def test_many_points_in_one_pass_equal_one_point_at_a_time(tiny_tokenizer, linearized):
+    """The shared-JVP path (linearized: f(θ0) + Σ α_t J τ_t for every point from one JVP per adapter) and the
+    label-position-only log-softmax give the scores of separate full evaluations."""
+    model = make_llama(initializer_range=0.2)
+    torch.manual_seed(2)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(model, config, adapter_name="a")
+    model.add_adapter("b", config)
+    for name, param in model.named_parameters():  # a distinct second adapter
+        if ".b." in name:
+            param.data.normal_(0, 0.3)
+    model.base_model.set_adapter(["a", "b"])
+    model.eval()
+    data = ClassificationSet(["What is 2 + 3?", "The capital of France is", "What is 7 + 1? 8."], [0, 2, 1],
+                             [" 5", " 8", " Paris"])  # fmt: skip
+    points = [{}, {"a": 1.0}, {"a": 0.5, "b": 0.5}, {"a": 1.3, "b": -0.4}]
+    together = class_scores_many(model, tiny_tokenizer, data, points, linearized=linearized, batch_size=2)
+    for factors, scores in zip(points, together, strict=True):
+        alone = class_scores(model, tiny_tokenizer, data, factors, linearized=linearized, batch_size=3)
+        torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-5)
+        if linearized and factors:  # against the definition, on full logits
+            inputs = tiny_tokenizer(data.texts[0] + data.label_words[0], return_tensors="pt")
+            outs = {n: linearized_forward(model, dict(inputs), n, differentiable=False) for n in factors}
+            expected = next(iter(outs.values())).base_logits + sum(
+                a * outs[n].tangent_logits for n, a in factors.items()
+            )
+            got = merged_logits(model, dict(inputs), factors, linearized=True)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ the word's tokens; seq2seq: the same on the decoder), and sequence classificatio
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from peft import PeftModel
 
 from delta_trl._utils import read_delta_trl_metadata
 from delta_trl.core.adapters import check_linear_lora, lora_layers, scaled_adapters
-from delta_trl.core.linearize import linearized_forward
+from delta_trl.core.linearize import linearized_forward, logits_on_rows
 from delta_trl.data import read_records
 from delta_trl.evaluation.metrics import class_accuracy
 
@@ -223,6 +224,82 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
 
 
+def merged_logits_many(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    factor_sets: Sequence[Mapping[str, float]],
+    linearized: bool = False,
+    positions: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """:func:`merged_logits` for several points ``θ0 + Σ_t α_t·τ_t`` of one batch, optionally only at ``positions``
+    (a boolean mask over the batch's positions: ``(N, V)`` logits instead of ``(B, T, V)``).
+
+    On the linearized model the logits are affine in the factors, ``f(θ0) + Σ_t α_t·J·τ_t``, so one JVP per adapter
+    serves every point; otherwise each point is one forward.
+    """
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    # the LM head runs on the scored positions only: (N, H) -> (N, V) instead of a (B, T, V) tensor per point
+    rows = contextlib.nullcontext() if positions is None else logits_on_rows(base, positions.to(device))
+    if not linearized:
+        with rows:
+            return [merged_logits(model, inputs, factors) for factors in factor_sets]
+    complete = [all_factors(model, factors) for factors in factor_sets]
+    names = sorted({name for factors in complete for name, alpha in factors.items() if alpha != 0.0})
+    tangents: dict[str, torch.Tensor] = {}
+    primal = None
+    with torch.no_grad(), rows:
+        for name in names:
+            out = linearized_forward(model, inputs, name, differentiable=False)
+            primal, tangents[name] = out.base_logits, out.tangent_logits
+        if primal is None:  # every factor is 0: the base model
+            primal = merged_logits(model, inputs, {})
+    result = []
+    for factors in complete:
+        logits = primal.clone()
+        for name, alpha in factors.items():
+            if alpha != 0.0:
+                logits += alpha * tangents[name]
+        result.append(logits)
+    return result
+
+
+def class_scores_many(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: ClassificationSet,
+    factor_sets: Sequence[Mapping[str, float]],
+    *,
+    linearized: bool = False,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """:func:`class_scores` at several points ``θ0 + Σ_t α_t·τ_t`` (one JVP per adapter and batch for all of them
+    on the linearized model), one ``(N, C)`` tensor per entry of ``factor_sets``."""
+    config = model.get_base_model().config if isinstance(model, PeftModel) else model.config
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    chunks: list[list[torch.Tensor]] = [[] for _ in factor_sets]
+    for start in range(0, len(data.texts), batch_size):
+        texts = data.texts[start : start + batch_size]
+        if data.label_words is None:
+            enc = tokenizer(texts, return_tensors="pt", padding=True)
+            for i, logits in enumerate(merged_logits_many(model, dict(enc), factor_sets, linearized)):
+                chunks[i].append(logits.float())
+            continue
+        inputs, target, target_mask = _generative_batch(
+            tokenizer, texts, data.label_words, is_encoder_decoder, base, data.add_special_tokens
+        )
+        # only the label-word positions are scored: log-softmax over the vocabulary there and nowhere else
+        rows = merged_logits_many(model, inputs, factor_sets, linearized, positions=target_mask)
+        for i, logits in enumerate(rows):
+            token = torch.zeros(target.shape, dtype=torch.float32)
+            picked = logits.float().log_softmax(dim=-1).gather(-1, target[target_mask].to(logits.device)[:, None])
+            token[target_mask] = picked.squeeze(-1).cpu()
+            chunks[i].append(token.sum(dim=-1).view(len(texts), len(data.label_words)))
+    return [torch.cat(c) for c in chunks]
+
+
 def class_scores(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -237,23 +314,7 @@ def class_scores(
     Generative (``label_words`` set): ``score[n, c] = Σ_k log p(w_c,k | text_n, w_c,<k)``, the log-likelihood of label
     word ``c`` after text ``n``. Sequence classification: the model's logits.
     """
-    config = model.get_base_model().config if isinstance(model, PeftModel) else model.config
-    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    chunks = []
-    for start in range(0, len(data.texts), batch_size):
-        texts = data.texts[start : start + batch_size]
-        if data.label_words is None:
-            enc = tokenizer(texts, return_tensors="pt", padding=True)
-            chunks.append(merged_logits(model, dict(enc), factors, linearized).float())
-            continue
-        inputs, target, target_mask = _generative_batch(
-            tokenizer, texts, data.label_words, is_encoder_decoder, base, data.add_special_tokens
-        )
-        logprobs = merged_logits(model, inputs, factors, linearized).float().log_softmax(dim=-1)
-        token = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * target_mask
-        chunks.append(token.sum(dim=-1).view(len(texts), len(data.label_words)))
-    return torch.cat(chunks)
+    return class_scores_many(model, tokenizer, data, [factors], linearized=linearized, batch_size=batch_size)[0]
 
 
 def evaluate_tasks(

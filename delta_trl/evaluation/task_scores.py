@@ -26,7 +26,7 @@ from peft import PeftModel
 
 from delta_trl.core.losses import IGNORE_INDEX, completion_logps
 from delta_trl.evaluation.metrics import exact_match
-from delta_trl.evaluation.scoring import ClassificationSet, accuracy, class_scores, merged_logits
+from delta_trl.evaluation.scoring import ClassificationSet, accuracy, class_scores_many, merged_logits
 
 
 TASK_KINDS = ("closed", "open", "preference")
@@ -173,9 +173,7 @@ def score_task(
     """``{"score": …}`` of the model at ``θ0 + Σ_t α_t·τ_t`` on one task (module docstring), plus ``mean_margin`` for
     preference tasks."""
     if data.kind == "closed":
-        split = data.classification()
-        scores = class_scores(model, tokenizer, split, factors, linearized=linearized, batch_size=batch_size)
-        return {"score": accuracy(scores, torch.tensor(split.labels))}
+        return score_task_many(model, tokenizer, data, [factors], linearized=linearized, batch_size=batch_size)[0]
     if data.kind == "open":
         answers = greedy_answers(model, tokenizer, data.prompts, factors, linearized=linearized,
                                  max_new_tokens=max_new_tokens, add_special_tokens=data.add_special_tokens)  # fmt: skip
@@ -199,3 +197,37 @@ def score_task(
         rewards = beta * (policy - reference)
         margins = rewards[0] - rewards[1]
     return {"score": implicit_reward_accuracy(margins), "mean_margin": float(margins.mean())}
+
+
+def score_task_many(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: TaskEvalSet,
+    factor_sets: Sequence[Mapping[str, float]],
+    *,
+    linearized: bool = False,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    beta: float = 0.1,
+) -> list[dict[str, float]]:
+    """:func:`score_task` at several points ``θ0 + Σ_t α_t·τ_t``; a closed-set task is scored at all of them in one
+    pass over its rows (:func:`~delta_trl.evaluation.scoring.class_scores_many`: one JVP per adapter and batch on
+    the linearized model, whatever the number of points)."""
+    if data.kind == "closed":
+        split = data.classification()
+        labels = torch.tensor(split.labels)
+        scores = class_scores_many(model, tokenizer, split, factor_sets, linearized=linearized, batch_size=batch_size)
+        return [{"score": accuracy(s, labels)} for s in scores]
+    return [
+        score_task(
+            model,
+            tokenizer,
+            data,
+            factors,
+            linearized=linearized,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            beta=beta,
+        )  # fmt: skip
+        for factors in factor_sets
+    ]

@@ -337,30 +337,28 @@ class MethodEvaluation:
         self.config = config
         self.method = method
         self.tasks = [plan.task for plan in plans]
+        from accelerate import PartialState
+
         base, self.tokenizer = _load_model(config, is_encoder_decoder)
+        base.to(PartialState().device)  # the accelerator the run was given (scoring moves each batch to it)
         self.model, self.linearized = load_task_adapters(base, {plan.task.name: plan.folder for plan in plans})
         self.sets = {
             split: {t.name: eval_set(getattr(t, split), t, is_encoder_decoder) for t in self.tasks}
             for split in ("validation", "test")
         }
 
-    def scores(self, factors: Mapping[str, float], split: str, tasks: Sequence[str] | None = None) -> dict[str, Any]:
-        from delta_trl.evaluation.task_scores import score_task
+    def points(self, split: str, task: str, factor_sets: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+        """One task's scores at several points ``θ0 + Σ α_t τ_t`` (in one pass over its rows where possible)."""
+        from delta_trl.evaluation.task_scores import score_task_many
 
         settings = self.config.evaluation
-        return {
-            name: score_task(
-                self.model,
-                self.tokenizer,
-                self.sets[split][name],
-                factors,
-                linearized=self.linearized,
-                batch_size=settings.batch_size,
-                max_new_tokens=settings.max_new_tokens,
-                beta=settings.dpo_beta,
-            )  # fmt: skip
-            for name in (tasks or [t.name for t in self.tasks])
-        }
+        return score_task_many(self.model, self.tokenizer, self.sets[split][task], factor_sets,
+                               linearized=self.linearized, batch_size=settings.batch_size,
+                               max_new_tokens=settings.max_new_tokens, beta=settings.dpo_beta)  # fmt: skip
+
+    def scores(self, factors: Mapping[str, float], split: str) -> dict[str, dict[str, float]]:
+        """Every task's scores at one point."""
+        return {t.name: self.points(split, t.name, [factors])[0] for t in self.tasks}
 
 
 def _summary(per_task: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, Any]:
@@ -394,23 +392,32 @@ def evaluate_method(
 
     ev = MethodEvaluation(config, method, plans, is_encoder_decoder)
     names = [t.name for t in ev.tasks]
-    individual_test = {t: ev.scores({t: 1.0}, "test", [t])[t] for t in tqdm(names, desc=f"{method}: individual")}
-    individual_val = score_only({t: ev.scores({t: 1.0}, "validation", [t])[t] for t in names})
-    alphas = config.evaluation.alphas
+    grid = list(dict.fromkeys([*config.evaluation.alphas, 1.0]))  # select_alpha also reports α = 1
+
+    def uniform(alpha: float) -> dict[str, float]:
+        return dict.fromkeys(names, alpha)
+
+    # validation: each task's own vector, then the merge at every α of the grid, in one pass per task
+    individual_val, sweep = {}, {alpha: {} for alpha in grid}
+    for task in tqdm(names, desc=f"{method}: α grid on validation"):
+        scored = ev.points("validation", task, [{task: 1.0}] + [uniform(a) for a in grid])
+        individual_val[task] = scored[0]["score"]
+        for alpha, value in zip(grid, scored[1:], strict=True):
+            sweep[alpha][task] = value["score"]
     # the normalisers of α selection must be positive: a task its own vector never gets right counts as one row right
     reference = {t: max(v, 1 / len(ev.sets["validation"][t].prompts)) for t, v in individual_val.items()}
-    progress = tqdm(total=len(alphas), desc=f"{method}: α on validation")
-
-    def on_validation(alpha: float) -> dict[str, float]:
-        progress.update(1)
-        return score_only(ev.scores(dict.fromkeys(names, alpha), "validation"))
-
-    selection = select_alpha(on_validation, alphas, reference)
-    progress.close()
+    selection = select_alpha(lambda alpha: sweep[alpha], config.evaluation.alphas, reference)
     alpha_sweep_report(selection, output_dir=figures / method)
+
+    # test: θ0 (once per experiment), each vector alone, the merge at α = 1 and at the α chosen on validation
+    test_points = [uniform(1.0), uniform(selection.best_alpha)] + ([{}] if with_zero_shot else [])
+    individual_test, merged_one, merged_best, zero = {}, {}, {}, {}
+    for task in tqdm(names, desc=f"{method}: test"):
+        scored = ev.points("test", task, [{task: 1.0}, *test_points])
+        individual_test[task], merged_one[task], merged_best[task] = scored[:3]
+        if with_zero_shot:
+            zero[task] = scored[3]["score"]
     individual = score_only(individual_test)
-    merged_one = ev.scores(dict.fromkeys(names, 1.0), "test")
-    merged_best = ev.scores(dict.fromkeys(names, selection.best_alpha), "test")
     result: dict[str, Any] = {
         "individual": individual,
         "merged_alpha_1": _summary(score_only(merged_one), individual),
@@ -432,7 +439,7 @@ def evaluate_method(
     elif len(names) >= 2 and all(ev.sets["test"][t].kind == "closed" for t in names[:2]):
         result["disentanglement"] = disentanglement(ev, names[0], names[1], figures / method)
     if with_zero_shot:
-        result["zero_shot"] = score_only(ev.scores({}, "test"))
+        result["zero_shot"] = zero
     return result
 
 

@@ -1,0 +1,107 @@
+"""The evidence study: `delta-trl experiment` over the real-language tasks for several seeds, aggregated.
+
+    python bench/data/build_tasks.py                                   # once: the tasks (see its docstring)
+    OMP_NUM_THREADS=1 python bench/evidence.py                         # seeds 0 1 2, runs/evidence/seed<N>
+    python bench/evidence.py --seeds 0 --methods nonlinear delta --set training.distill_weight=3
+    python bench/evidence.py --summarize-only                          # re-aggregate finished seeds
+
+Each seed is one experiment folder (resumable: a rerun reuses every finished task vector and evaluation). The
+summary (``summary.json``, ``summary.md`` in ``--output``) gives, per method, the mean and the spread (min–max) over
+seeds of: the mean individual accuracy, and the merged model's mean absolute and mean normalized accuracy at α = 1
+and at the α chosen on validation. Every number is a test-split accuracy; nothing is tuned on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "recipes" / "configs" / "experiments" / "real_tasks_embedded.yaml"
+METRICS = {
+    "individual": lambda r: statistics.mean(r["individual"].values()),
+    "alpha_1_absolute": lambda r: r["merged_alpha_1"]["mean_absolute"],
+    "alpha_1_normalized": lambda r: r["merged_alpha_1"]["mean_normalized"],
+    "best_alpha": lambda r: r["merged_best"]["alpha"],
+    "best_absolute": lambda r: r["merged_best"]["mean_absolute"],
+    "best_normalized": lambda r: r["merged_best"]["mean_normalized"],
+}
+
+
+def summarize(folders: list[Path]) -> dict[str, Any]:
+    """Mean, min and max over seeds of each metric per method (seeds whose results.json exists)."""
+    runs = {f.name: json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()}
+    if not runs:
+        raise SystemExit("error: no finished seed (results.json) to summarize")
+    methods = list(next(iter(runs.values()))["methods"])
+    summary: dict[str, Any] = {"seeds": sorted(runs), "zero_shot": {}, "methods": {}}
+    zero = [statistics.mean(r["zero_shot"].values()) for r in runs.values()]
+    summary["zero_shot"] = {"mean": statistics.mean(zero), "min": min(zero), "max": max(zero)}
+    for method in methods:
+        rows = [r["methods"][method] for r in runs.values() if method in r["methods"]]
+        summary["methods"][method] = {
+            name: {"mean": statistics.mean(values), "min": min(values), "max": max(values), "n": len(values)}
+            for name, metric in METRICS.items()
+            for values in [[metric(r) for r in rows]]
+        }
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    def cell(stat: dict[str, float]) -> str:
+        if stat["n"] == 1:
+            return f"{stat['mean']:.3f}"
+        return f"{stat['mean']:.3f} ({stat['min']:.3f}–{stat['max']:.3f})"
+
+    lines = [
+        f"Seeds: {', '.join(summary['seeds'])}; mean (min–max) over seeds. Zero-shot mean accuracy "
+        f"{summary['zero_shot']['mean']:.3f}.",
+        "",
+        "| method | individual | merged α = 1: abs. | norm. | α* | merged α*: abs. | norm. |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, s in summary["methods"].items():
+        lines.append(
+            f"| {method} | {cell(s['individual'])} | {cell(s['alpha_1_absolute'])} | {cell(s['alpha_1_normalized'])} "
+            f"| {cell(s['best_alpha'])} | {cell(s['best_absolute'])} | {cell(s['best_normalized'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    output = Path(args.output)
+    folders = [output / f"seed{seed}" for seed in args.seeds]
+    if not args.summarize_only:
+        from delta_trl.experiment.config import load_config
+        from delta_trl.experiment.runner import run_experiment
+
+        for seed, folder in zip(args.seeds, folders, strict=True):
+            overrides = [f"seed={seed}", f"output_dir={folder}", f"methods=[{', '.join(args.methods)}]", *args.set]
+            print(f"=== seed {seed} -> {folder}", flush=True)
+            run_experiment(load_config(args.config, overrides))
+    summary = summarize(folders)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = markdown(summary)
+    (output / "summary.md").write_text(text)
+    print(text)
+    return summary
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["nonlinear", "linear", "delta"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
+    parser.add_argument("--output", default="runs/evidence", help="folder of the seed folders and the summary")
+    parser.add_argument("--summarize-only", action="store_true", help="aggregate finished seeds, train nothing")
+    return parser
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())

@@ -1,0 +1,45 @@
+"""bench/evidence.py aggregates finished seeds: means and spreads computed by hand."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(individual, one, best, alpha):
+    merged = {"mean_absolute": one[0], "mean_normalized": one[1]}
+    chosen = {"alpha": alpha, "mean_absolute": best[0], "mean_normalized": best[1]}
+    return {"individual": individual, "merged_alpha_1": merged, "merged_best": chosen}
+
+
+def test_summary_means_and_spreads_over_seeds(tmp_path):
+    evidence = _module()
+    runs = {
+        "seed0": {"a": _results({"t1": 0.8, "t2": 0.6}, (0.5, 0.7), (0.6, 0.8), 0.4)},
+        "seed1": {"a": _results({"t1": 1.0, "t2": 0.8}, (0.7, 0.9), (0.8, 1.0), 0.6)},
+    }
+    for seed, methods in runs.items():
+        (tmp_path / seed).mkdir()
+        zero = {"t1": 0.2, "t2": 0.4} if seed == "seed0" else {"t1": 0.4, "t2": 0.4}
+        (tmp_path / seed / "results.json").write_text(json.dumps({"zero_shot": zero, "methods": methods}))
+    summary = evidence.summarize([tmp_path / "seed0", tmp_path / "seed1", tmp_path / "seed2"])  # seed2 unfinished
+    assert summary["seeds"] == ["seed0", "seed1"]
+    assert summary["zero_shot"]["mean"] == pytest.approx(0.35)
+    a = summary["methods"]["a"]
+    assert a["individual"] == pytest.approx({"mean": 0.8, "min": 0.7, "max": 0.9, "n": 2})
+    assert a["alpha_1_normalized"] == pytest.approx({"mean": 0.8, "min": 0.7, "max": 0.9, "n": 2})
+    assert a["best_alpha"]["mean"] == pytest.approx(0.5)
+    assert "| a | 0.800 (0.700–0.900) |" in evidence.markdown(summary)
+    with pytest.raises(SystemExit, match="no finished seed"):
+        evidence.summarize([tmp_path / "none"])
