@@ -6,6 +6,7 @@ import torch
 from conftest import make_llama, make_t5
 from peft import LoraConfig, get_peft_model
 
+from delta_trl.core.adapters import scaled_adapters
 from delta_trl.core.linearize import linearized_forward
 from delta_trl.evaluation.scoring import ClassificationSet, class_scores, class_scores_many, merged_logits
 from delta_trl.evaluation.task_scores import (
@@ -126,3 +127,26 @@ def test_many_points_in_one_pass_equal_one_point_at_a_time(tiny_tokenizer, linea
             )
             got = merged_logits(model, dict(inputs), factors, linearized=True)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_one_token_label_words_are_scored_from_one_sequence_per_text(tiny_tokenizer, seq2seq):
+    """The single-token shortcut (one forward per text, all words read off its next-token distribution) equals the
+    log-probability of each (text + word) sequence computed explicitly."""
+    model = _peft(make_t5(), ["q", "v"]) if seq2seq else _peft(make_llama(initializer_range=0.2), ["q_proj", "v_proj"])
+    words = ["5", "8", "3"]
+    assert all(len(tiny_tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in words)
+    texts = ["What is 2 + 3?", "What is 7 + 1? please", "The cat sleeps."]
+    scores = class_scores(model, tiny_tokenizer, ClassificationSet(texts, [0, 1, 2], words), {"default": 0.8})
+    base = model.get_base_model()
+    for n, text in enumerate(texts):
+        x = tiny_tokenizer(text)["input_ids"]
+        for c, word in enumerate(words):
+            w = tiny_tokenizer(word, add_special_tokens=False)["input_ids"][0]
+            with torch.no_grad(), scaled_adapters(model, {"default": 0.8}):
+                if seq2seq:
+                    start = base.prepare_decoder_input_ids_from_labels(labels=torch.tensor([[w]]))
+                    logits = model(input_ids=torch.tensor([x]), decoder_input_ids=start).logits[0, 0]
+                else:
+                    logits = model(input_ids=torch.tensor([x + [w]])).logits[0, len(x) - 1]
+            assert scores[n, c].item() == pytest.approx(logits.log_softmax(-1)[w].item(), abs=1e-5)

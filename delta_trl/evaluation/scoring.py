@@ -224,6 +224,31 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
 
 
+def _single_token_batch(
+    tokenizer: Any,
+    texts: Sequence[str],
+    word_ids: Sequence[Sequence[int]],
+    is_encoder_decoder: bool,
+    model: torch.nn.Module,
+    add_special_tokens: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """When every label word is one token, one sequence per text scores all of them: the inputs and the position
+    (one per row) whose next-token distribution holds ``log p(word | text)``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    text_ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    if is_encoder_decoder:
+        enc = _pad(text_ids, pad)
+        start = model.prepare_decoder_input_ids_from_labels(labels=torch.tensor([[word_ids[0][0]]] * len(texts)))
+        inputs = {"input_ids": enc, "attention_mask": (enc != pad).long(), "decoder_input_ids": start}
+        return inputs, torch.ones(len(texts), 1, dtype=torch.bool)
+    ids = _pad(text_ids, pad)
+    mask = torch.tensor([[1] * len(t) + [0] * (ids.shape[1] - len(t)) for t in text_ids])
+    position = torch.zeros_like(ids, dtype=torch.bool)
+    for row, t in enumerate(text_ids):
+        position[row, len(t) - 1] = True
+    return {"input_ids": ids, "attention_mask": mask}, position
+
+
 def merged_logits_many(
     model: torch.nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -280,12 +305,24 @@ def class_scores_many(
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     chunks: list[list[torch.Tensor]] = [[] for _ in factor_sets]
+    words = data.label_words or []
+    word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    # one-token label words (the common case) need one sequence per text instead of one per (text, word) pair
+    single_token = bool(words) and all(len(ids) == 1 for ids in word_ids)
+    candidates = torch.tensor([ids[0] for ids in word_ids]) if single_token else None
     for start in range(0, len(data.texts), batch_size):
         texts = data.texts[start : start + batch_size]
         if data.label_words is None:
             enc = tokenizer(texts, return_tensors="pt", padding=True)
             for i, logits in enumerate(merged_logits_many(model, dict(enc), factor_sets, linearized)):
                 chunks[i].append(logits.float())
+            continue
+        if single_token:
+            inputs, position = _single_token_batch(
+                tokenizer, texts, word_ids, is_encoder_decoder, base, data.add_special_tokens
+            )
+            for i, logits in enumerate(merged_logits_many(model, inputs, factor_sets, linearized, positions=position)):
+                chunks[i].append(logits.float().log_softmax(dim=-1)[:, candidates].cpu())
             continue
         inputs, target, target_mask = _generative_batch(
             tokenizer, texts, data.label_words, is_encoder_decoder, base, data.add_special_tokens
