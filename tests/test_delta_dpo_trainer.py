@@ -122,9 +122,11 @@ def test_delta_student_term_is_trl_sigmoid_dpo(tiny_tokenizer, tmp_path):
     assert {"delta/teacher_loss", "delta/distill_loss", "delta/alpha"} <= our_metrics.keys()
 
 
-def test_delta_loss_is_the_sum_of_the_pure_terms(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("normalization", ["relative", "sum"])
+def test_delta_loss_is_the_sum_of_the_pure_terms(normalization, tiny_tokenizer, tmp_path):
     delta = _trainer(tiny_tokenizer, tmp_path, alpha_sampling="uniform", alpha_min=1.2, alpha_max=1.6,
-                     distill_weight=0.3, teacher_loss_weight=0.7, beta=0.2)  # fmt: skip
+                     distill_weight=0.3, teacher_loss_weight=0.7, beta=0.2,
+                     distill_normalization=normalization)  # fmt: skip
     model = delta.model
     _randomize(model)
     batch = _batch(delta)
@@ -140,8 +142,10 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(tiny_tokenizer, tmp_path):
     with unparked(model, "delta_teacher"):
         teacher = linearized_forward(model, kwargs, "delta_teacher")
     mask = labels[:, 1:] != -100
-    teacher_hidden = teacher.hidden(alpha)[0][:, :-1]  # the default, relative distance ‖h_S − h_T‖² / ‖h_T‖²
-    distill = ((student.hidden_states[-1][:, :-1] - teacher_hidden).pow(2).sum(-1) / teacher_hidden.pow(2).sum(-1))
+    teacher_hidden = teacher.hidden(alpha)[0][:, :-1]
+    distill = (student.hidden_states[-1][:, :-1] - teacher_hidden).pow(2).sum(-1)
+    if normalization == "relative":  # ‖h_S − h_T‖² / ‖h_T‖²
+        distill = distill / teacher_hidden.pow(2).sum(-1)
     distill = distill[mask].mean()
     expected = (
         dpo_loss(*completion_logps(student.logits, labels).chunk(2), *ref, beta=0.2).losses.mean()

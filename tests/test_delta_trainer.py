@@ -81,11 +81,11 @@ def test_nonlinear_mode_equals_seq2seq_trainer(kind, tiny_tokenizer, tmp_path):
         assert_close(grads[0][key], grads[1][key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_delta_loss_is_the_sum_of_the_pure_terms(kind, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize(("kind", "normalization"), [("llama", "relative"), ("t5", "relative"), ("llama", "sum")])
+def test_delta_loss_is_the_sum_of_the_pure_terms(kind, normalization, tiny_tokenizer, tmp_path):
     trainer = _trainer(
         kind, tiny_tokenizer, tmp_path, alpha_sampling="uniform", alpha_min=1.3, alpha_max=1.7,
-        distill_weight=0.7, teacher_loss_weight=0.4,
+        distill_weight=0.7, teacher_loss_weight=0.4, distill_normalization=normalization,
     )  # fmt: skip
     model = trainer.model
     _randomize_adapters(model)
@@ -108,7 +108,10 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(kind, tiny_tokenizer, tmp_path)
     mask = supervised_mask(batch["labels"], shift=shift)
     expected = (
         token_cross_entropy(student.logits, batch["labels"], shift=shift, num_items=n)
-        + 0.7 * hidden_distillation_loss(student_hidden, teacher.hidden(alpha)[0], mask, num_items=n)
+        + 0.7
+        * hidden_distillation_loss(
+            student_hidden, teacher.hidden(alpha)[0], mask, num_items=n, normalization=normalization
+        )
         + 0.4 * token_cross_entropy(teacher.logits(alpha), batch["labels"], shift=shift, num_items=n)
     )
     assert_close(loss, expected, rtol=1e-5, atol=1e-6)

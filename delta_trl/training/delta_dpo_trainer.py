@@ -188,7 +188,9 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
             if teacher is not None:
                 mask = supervised_mask(labels, shift=True)
                 distill = sum(
-                    hidden_distillation_loss(outputs.hidden_states[layer], teacher_hidden, mask)
+                    hidden_distillation_loss(
+                        outputs.hidden_states[layer], teacher_hidden, mask, normalization=args.distill_normalization
+                    )
                     for layer, teacher_hidden in zip(args.distill_layers, teacher.hidden(alpha), strict=True)
                 )
                 metrics |= {"delta/distill_loss": distill, "delta/alpha": alpha}

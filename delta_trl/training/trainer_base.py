@@ -350,7 +350,13 @@ class DeltaTrainerMixin:
         if self._teacher_name:
             student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
             distill_loss = scale * sum(
-                hidden_distillation_loss(student_hidden[layer], teacher_hidden, mask, num_items=num_items)
+                hidden_distillation_loss(
+                    student_hidden[layer],
+                    teacher_hidden,
+                    mask,
+                    num_items=num_items,
+                    normalization=args.distill_normalization,
+                )
                 for layer, teacher_hidden in zip(args.distill_layers, teacher_states, strict=True)
             )
             metrics |= {
