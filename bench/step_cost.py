@@ -3,6 +3,11 @@
     OMP_NUM_THREADS=1 python bench/step_cost.py --models embedded                       # SFT, batch 4 x 64
     OMP_NUM_THREADS=1 python bench/step_cost.py --objective dpo --models embedded --batch_size 2 --seq_len 256
     python bench/step_cost.py --models tiny embedded --steps 20 --trainers lora delta
+    OMP_NUM_THREADS=1 python bench/step_cost.py --models embedded --trainers lora delta delta-fd delta-k4
+
+`delta-fd` is `delta` with the finite-difference teacher tangent, `delta-k4` with the teacher on one step in 4 (the
+global step advances after every timed step, so a `delta-k4` median over rounds mixes teacher and student-only steps
+3:1); their ratio to exact `delta` is printed beside the ratio to LoRA.
 
 SFT compares ``Seq2SeqTrainer`` + LoRA with ``DeltaTrainer``; DPO compares TRL's ``DPOTrainer`` + LoRA (policy and
 reference forwards) with ``DeltaDPOTrainer`` (teacher pass whose primal is the reference + student forward).
@@ -26,7 +31,9 @@ import time
 from pathlib import Path
 
 
-TRAINERS = ("lora", "delta", "linear")
+TRAINERS = ("lora", "delta", "linear", "delta-fd", "delta-k4")
+# opt-in cheaper teachers (docs/ARCHITECTURE.md, "Cheaper teachers"): DELTA with these extra DeltaArguments
+CHEAPER = {"delta-fd": {"teacher_tangent": "fd"}, "delta-k4": {"teacher_every_k_steps": 4}}
 
 
 def _tiny_tokenizer():
@@ -75,7 +82,8 @@ def _build(args: argparse.Namespace, model_name: str, trainer_name: str):
         if trainer_name == "lora":
             trainer = Seq2SeqTrainer(model=get_peft_model(model, lora), args=Seq2SeqTrainingArguments(**common))
         else:
-            trainer = DeltaTrainer(model=model, args=DeltaConfig(delta_mode=trainer_name, **common), peft_config=lora)
+            config = DeltaConfig(delta_mode=trainer_name.split("-")[0], **CHEAPER.get(trainer_name, {}), **common)
+            trainer = DeltaTrainer(model=model, args=config, peft_config=lora)
     else:
         # rows 0..B-1 chosen, B..2B-1 rejected: the collated layout of TRL's preference batches
         batch = {"input_ids": ids.repeat(2, 1), "attention_mask": torch.ones_like(ids).repeat(2, 1),
@@ -91,7 +99,8 @@ def _build(args: argparse.Namespace, model_name: str, trainer_name: str):
             trainer = DPOTrainer(model=model, args=DPOConfig(**dpo), train_dataset=data, processing_class=tokenizer,
                                  peft_config=lora)  # fmt: skip
         else:
-            trainer = DeltaDPOTrainer(model=model, args=DeltaDPOConfig(delta_mode=trainer_name, **dpo),
+            config = DeltaDPOConfig(delta_mode=trainer_name.split("-")[0], **CHEAPER.get(trainer_name, {}), **dpo)
+            trainer = DeltaDPOTrainer(model=model, args=config,
                                       train_dataset=data, processing_class=tokenizer, peft_config=lora)  # fmt: skip
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     trainer.current_gradient_accumulation_steps = 1  # set by `train()`, which the benchmark bypasses
@@ -103,6 +112,7 @@ def _step(trainer, batch, num_items) -> None:
     trainer.training_step(trainer.model, batch, num_items)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad()
+    trainer.state.global_step += 1  # as `train()` does: α and `teacher_every_k_steps` read it
 
 
 def _timed_step(trainer, batch, num_items, cuda: bool) -> tuple[float, float]:
@@ -174,6 +184,8 @@ def run_model(args: argparse.Namespace, model_name: str) -> list[dict]:
             ratios = [a / b for a, b in zip(times[name], times[reference], strict=True)]
             row[f"{kind}_ratio"] = _summary(ratios)
         row["memory_ratio"] = memory[name] / max(memory[reference], 1)
+        if "delta" in built:
+            row["cpu_ratio_to_delta"] = _summary([a / b for a, b in zip(cpu[name], cpu["delta"], strict=True)])
         rows.append(row)
     return rows
 
@@ -189,14 +201,16 @@ def main(args: argparse.Namespace) -> dict:
     print(f"\n{args.objective}: batch {args.batch_size} x {args.seq_len} tokens ({'pairs' if args.objective == 'dpo' else 'rows'}), "
           f"{args.steps} interleaved rounds after {args.warmup} warm-up steps, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; ratios: median of per-round ratios to LoRA [min, max]")  # fmt: skip
-    print(f"{'model':<10} {'trainer':<7} {'CPU s min/med/max':>20} {'CPU x LoRA':>20} {'wall s med':>10} "
-          f"{'wall x LoRA':>20} {'peak MiB':>9} {'mem x LoRA':>10}")  # fmt: skip
+    print(f"{'model':<10} {'trainer':<9} {'CPU s min/med/max':>20} {'CPU x LoRA':>20} {'wall s med':>10} "
+          f"{'wall x LoRA':>20} {'peak MiB':>9} {'mem x LoRA':>10} {'CPU x delta':>20}")  # fmt: skip
     for r in rows:
         c, w, cr, wr = r["cpu_s"], r["wall_s"], r["cpu_ratio"], r["wall_ratio"]
-        print(f"{r['model']:<10} {r['trainer']:<7} {c['min']:>6.2f}/{c['median']:>6.2f}/{c['max']:>6.2f} "
+        d = r.get("cpu_ratio_to_delta")
+        to_delta = f"{d['median']:>6.2f} [{d['min']:.2f}, {d['max']:.2f}]" if d else ""
+        print(f"{r['model']:<10} {r['trainer']:<9} {c['min']:>6.2f}/{c['median']:>6.2f}/{c['max']:>6.2f} "
               f"{cr['median']:>6.2f} [{cr['min']:.2f}, {cr['max']:.2f}] {w['median']:>10.2f} "
               f"{wr['median']:>6.2f} [{wr['min']:.2f}, {wr['max']:.2f}] {r['peak_memory_bytes'] / 2**20:>9.1f} "
-              f"{r['memory_ratio']:>10.2f}")  # fmt: skip
+              f"{r['memory_ratio']:>10.2f} {to_delta:>20}")  # fmt: skip
     report = {"settings": vars(args), "results": rows}
     output = Path(args.output or f"bench/results/step_cost_{args.objective}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from delta_trl.core.adapters import check_linear_lora, lora_layers, scaled_adapters
+from delta_trl.core.adapters import check_linear_lora, lora_layers, nominal_scaling, scaled_adapters
 
 
 # Attention implementations whose kernels have a forward-mode AD formula (SDPA is forced onto its MATH backend).
@@ -556,3 +556,123 @@ def linearized_teacher_loss(
             grad_a, grad_b = lora_factor_gradients(x, delta, lora_a, lora_b, layer.scaling[adapter_name])
         surrogate = surrogate + ((grad_a * lora_a).sum() + (grad_b * lora_b).sum()).to(surrogate.dtype)
     return loss.detach() + surrogate - surrogate.detach()
+
+
+# ---- opt-in cheaper teacher: the tangent by a finite difference (docs/ARCHITECTURE.md, "Cheaper teachers") ---------
+
+
+def relative_adapter_size(model: torch.nn.Module, adapter_name: str) -> float:
+    """``ρ = sqrt(mean_l ‖s_l·B_l·A_l‖_F² / ‖W_l‖_F²)``: the RMS over the adapter's layers of its update's size relative
+    to the frozen weight it adds to, at the adapter's nominal scaling ``s_l``.
+
+    ``‖B·A‖_F² = tr(BᵀB·A·Aᵀ)`` (r×r products, no ``d_out×d_in`` matrix is formed).
+    """
+    ratios = []
+    with torch.no_grad():
+        for layer in lora_layers(model, adapter_name):
+            a = layer.lora_A[adapter_name].weight.double()
+            b = layer.lora_B[adapter_name].weight.double()
+            weight = layer.get_base_layer().weight.double()
+            update_sq = ((b.T @ b) * (a @ a.T)).sum() * nominal_scaling(layer, adapter_name) ** 2
+            ratios.append(update_sq / weight.pow(2).sum().clamp_min(torch.finfo(torch.float64).tiny))
+    return torch.stack(ratios).mean().sqrt().item() if ratios else 0.0
+
+
+def finite_difference_step(rho: float, dtype: torch.dtype) -> float:
+    """The forward-difference step ``ε = sqrt(u)/ρ`` for an adapter of relative size ``ρ`` in precision ``u``.
+
+    ``D_ε = (f(θ0 + ε·τ) − f(θ0))/ε = J·τ + (ε/2)·f''[τ, τ] + O(ε²)``, and each forward carries a rounding error
+    ``≈ κ·u·‖f‖``. With ``‖J·τ‖ ∝ ρ·‖f‖`` and ``‖f''[τ, τ]‖ ∝ ρ²·‖f‖``, the relative error is
+    ``≈ c₁·(ε·ρ) + c₂·u/(ε·ρ)``: it depends on the relative weight perturbation ``δ = ε·ρ`` only and is smallest at
+    ``δ ≈ sqrt(u)`` (3.5e-4 in fp32; measured optima: 3e-4 on SmolLM2-135M, 3e-4 to 1e-3 on tiny Llama/T5), where it
+    is ``O(sqrt(u))`` times the network's conditioning (≈ 1e-3 relative, measured). ``u`` is never taken below fp32's:
+    transformers' RMSNorm/LayerNorm compute in fp32 even in an fp64 model, and with fp64's ``sqrt(u)`` = 1.5e-8 that
+    fp32 rounding swamps the difference (measured: relative error > 1). For a model that is fp64 throughout pass a
+    smaller ``eps`` yourself. ``ρ = 0`` (a zero adapter, e.g. PEFT's ``B = 0`` init) has a zero tangent whatever
+    ``ε``: ``ε = 1``.
+    """
+    if rho <= 0.0:
+        return 1.0
+    unit = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return unit**0.5 / rho
+
+
+def finite_difference_teacher_forward(
+    model: PeftModel,
+    inputs: Mapping[str, Any],
+    adapter_name: str,
+    rows: torch.Tensor,
+    hidden_layers: Sequence[int] = (),
+    *,
+    eps: float | None = None,
+    forward_model: torch.nn.Module | None = None,
+) -> TeacherPass:
+    """``f(x; θ0)`` exactly and ``J f(x; θ0)·τ ≈ (f(x; θ0 + ε·τ) − f(x; θ0))/ε``: two plain forwards, no forward-mode AD.
+
+    A drop-in for :func:`linearized_teacher_forward` (same :class:`TeacherPass`, same
+    :func:`linearized_teacher_loss`), for fp32/fp64 computations only: the difference cancels ``≈ −log10(ε·ρ)``
+    digits, so bf16/fp16/TF32 would leave no correct digit (the configs refuse them).
+
+    - The perturbed forward at ``θ0 + ε·τ`` runs without a graph, first (its activations are freed at once).
+    - The θ0 forward keeps its reverse graph and the (x_l, y_l) of every LoRA layer of the adapter, exactly as the
+      exact pass does, so :func:`linearized_teacher_loss` gives the gradient ``α·(∂(J·τ)/∂θ_τ)ᵀ·u`` with the
+      Jacobian at θ0, ``u = ∂L/∂z`` taken at the approximate ``z = f(θ0) + α·D_ε``. This is the gradient of the
+      linearized model (the tangent-space gradient the method defines) at a slightly wrong point, not the gradient of
+      ``L(f(θ0) + α·D_ε)``, whose Jacobian would sit at ``θ0 + ε·τ``: its error is that of ``u`` alone, first order in
+      the tangent's error, and it costs no pass beyond the θ0 forward every teacher needs.
+    - A forward (one-sided) difference, not a central one: central needs ``f(θ0 + ε·τ)`` and ``f(θ0 − ε·τ)`` besides
+      the θ0 pass with graph (the primal is the DPO reference and the point the gradient is taken at), i.e. three
+      forwards, which costs about what the one-pass JVP costs; one-sided needs two.
+
+    Both forwards run in eval mode with activation checkpointing off and SDPA on its MATH kernel
+    (:func:`jvp_safe_mode`): they must be the same function of θ, and ``y_l`` must be nodes of the graph.
+
+    Args:
+        eps: the step ``ε`` (a multiplier of the adapter's scaling); ``None`` picks
+            ``finite_difference_step(relative_adapter_size(model, adapter_name), dtype)``.
+        model, inputs, adapter_name, rows, hidden_layers, forward_model: as for :func:`linearized_teacher_forward`.
+    """
+    check_linear_lora(model, adapter_name)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
+    kwargs = forward_kwargs(base, inputs, embed=True)
+    kwargs["output_hidden_states"] = bool(hidden_layers)
+    layers = lora_layers(model, adapter_name)
+    if eps is None:
+        eps = finite_difference_step(
+            relative_adapter_size(model, adapter_name), layers[0].get_base_layer().weight.dtype
+        )
+    others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
+    training = torch.is_grad_enabled()
+    captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] = []
+
+    def capture(layer: LoraLayer, args: tuple, output: torch.Tensor) -> None:
+        captured.append((layer, args[0].detach(), output))
+
+    def outputs_of(outputs: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
+        return outputs.logits, tuple(hidden[i] for i in hidden_layers)
+
+    handles = []
+    try:
+        with jvp_safe_mode(model), scaled_adapters(model, others), logits_on_rows(base, rows):
+            with torch.no_grad(), scaled_adapters(model, {adapter_name: eps}):
+                perturbed_logits, perturbed_hidden = outputs_of(model(**kwargs))
+            if training:
+                handles = [layer.register_forward_hook(capture) for layer in layers]
+            with scaled_adapters(model, {adapter_name: 0.0}):
+                root, hidden = outputs_of((forward_model or model)(**kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    base_logits = root.detach()
+    base_hidden = tuple(h.detach() for h in hidden)
+    return TeacherPass(
+        rows=rows,
+        base_logits=base_logits,
+        tangent_logits=(perturbed_logits - base_logits) / eps,
+        base_hidden=base_hidden,
+        tangent_hidden=tuple((h - h0) / eps for h, h0 in zip(perturbed_hidden, base_hidden, strict=True)),
+        _root=root if training else None,
+        _captured=captured if training else None,
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Seq2SeqTrainingArguments
 from trl import DPOConfig, SFTConfig
 
@@ -15,6 +18,7 @@ DELTA_MODES = ("delta", "nonlinear", "linear", "kd_only", "curvature_only")
 MODES_WITH_TEACHER = ("delta", "kd_only")  # `curvature_only` trains the student alone
 MODES_WITH_JVP = ("delta", "kd_only", "linear")
 CURVATURE_ESTIMATORS = ("ekfac", "kfac")
+TEACHER_TANGENTS = ("jvp", "fd")
 
 
 @dataclass
@@ -79,6 +83,28 @@ class DeltaArguments:
     teacher_r: int | None = field(
         default=None, metadata={"help": "LoRA rank of the teacher adapter (default: the student's rank)."}
     )
+    teacher_tangent: str = field(
+        default="jvp",
+        metadata={
+            "help": "How the teacher's tangent J·τ_T is computed. `jvp`: exactly, forward-mode AD in one θ0 pass. "
+            "`fd` (opt-in, cheaper): a one-sided finite difference (f(θ0 + ε·τ_T) − f(θ0))/ε with automatic "
+            "ε = sqrt(fp32 eps)/ρ (ρ: the teacher's RMS relative size ‖s·B·A‖/‖W‖), two plain forwards instead of "
+            "the JVP; ≈ 1e-3 relative error on the tangent, the gradient uses the exact θ0 Jacobian. fp32/fp64 "
+            "only: refused with bf16/fp16, TF32 matmuls, DeepSpeed ZeRO-3 and FSDP, and outside delta/kd_only.",
+            "choices": list(TEACHER_TANGENTS),
+        },
+    )
+    teacher_every_k_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Run the teacher on one optimizer step in k (global steps 0, k, 2k, ...), the same decision for "
+            "every micro-batch and process of a step. On a teacher step the loss is the full DELTA loss. On the other "
+            "steps no teacher pass runs: the loss is the student's task loss (at α when task_loss_at_alpha) plus "
+            "λ·R(τ_S), without distillation, teacher loss or R(τ_T), and the teacher's gradients are dropped, so "
+            "the optimizer does not touch it (no momentum or weight-decay step). 1: every step (the default). "
+            "Only for delta/kd_only; refused under DeepSpeed, whose engine steps every parameter."
+        },
+    )
 
     curvature_weight: float = field(
         default=0.0,
@@ -139,6 +165,18 @@ class DeltaArguments:
             raise ValueError("teacher_adapter_name must be a non-empty string.")
         if self.teacher_r is not None and self.teacher_r < 1:
             raise ValueError(f"teacher_r must be a positive rank, got {self.teacher_r}.")
+        if self.teacher_tangent not in TEACHER_TANGENTS:
+            raise ValueError(f"teacher_tangent={self.teacher_tangent!r} is not one of {TEACHER_TANGENTS}.")
+        if self.teacher_every_k_steps < 1:
+            raise ValueError(f"teacher_every_k_steps must be ≥ 1, got {self.teacher_every_k_steps}.")
+        cheaper = {"teacher_tangent": "jvp", "teacher_every_k_steps": 1}
+        for name, default in cheaper.items():
+            if getattr(self, name) != default and self.delta_mode not in MODES_WITH_TEACHER:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} only applies to the teacher of delta_mode='delta' or 'kd_only' "
+                    f"(got delta_mode={self.delta_mode!r}); leave it at {default!r}."
+                )
+        check_cheaper_teacher_arguments(self)
         if self.curvature_weight < 0:
             raise ValueError(f"curvature_weight must be ≥ 0, got {self.curvature_weight}.")
         if self.curvature_estimator not in CURVATURE_ESTIMATORS:
@@ -158,6 +196,51 @@ class DeltaArguments:
                 "curvature_weight > 0 needs `curvature_path` (an existing cache, or where to save one estimated on "
                 "`curvature_dataset`)."
             )
+
+
+def deepspeed_zero_stage(deepspeed: Any) -> int | None:
+    """The ZeRO stage of a ``TrainingArguments.deepspeed`` value (a dict or a JSON file), ``None`` when unset."""
+    if not deepspeed:
+        return None
+    if isinstance(deepspeed, str):
+        path = Path(deepspeed)
+        if not path.is_file():  # the Trainer reports a missing file itself
+            return None
+        deepspeed = json.loads(path.read_text())
+    stage = deepspeed.get("zero_optimization", {}).get("stage", 0) if isinstance(deepspeed, dict) else 0
+    return int(stage) if str(stage).isdigit() else None
+
+
+def check_cheaper_teacher_arguments(args: Any) -> None:
+    """Refuse the opt-in cheaper teachers where they are wrong, at config build (before the parent's checks).
+
+    ``teacher_tangent='fd'`` subtracts two forwards that differ by a relative weight change ≈ 3.5e-4: half of fp32's
+    digits cancel, and bf16/fp16 (8/11 significant bits) or TF32 matmuls (10 bits) would leave none. ZeRO-3 and FSDP
+    shard the weights the extra forwards read. ``teacher_every_k_steps > 1`` drops the teacher's gradients on skipped
+    steps, which DeepSpeed's engine (it owns the gradients and steps every parameter) would not honour.
+    """
+    if getattr(args, "teacher_tangent", "jvp") == "fd":
+        reduced = [name for name in ("bf16", "fp16") if getattr(args, name, False)]
+        if getattr(args, "tf32", None) or torch.get_float32_matmul_precision() != "highest":
+            reduced.append("tf32")
+        if reduced:
+            raise ValueError(
+                f"teacher_tangent='fd' differences two forwards whose weights differ by ≈ 3.5e-4 relative, which "
+                f"{'/'.join(reduced)} cannot resolve (torch float32 matmul precision: "
+                f"{torch.get_float32_matmul_precision()!r}). Train in fp32 without TF32 (bf16=False, fp16=False, "
+                "tf32=False, torch.backends.cuda.matmul.allow_tf32=False), or use teacher_tangent='jvp'."
+            )
+        if deepspeed_zero_stage(getattr(args, "deepspeed", None)) == 3 or getattr(args, "fsdp", None):
+            raise ValueError(
+                "teacher_tangent='fd' runs extra forwards on the unwrapped model, whose weights DeepSpeed ZeRO-3 and "
+                "FSDP shard. Use DDP or ZeRO-1/2, or teacher_tangent='jvp' (which these shardings refuse as well)."
+            )
+    if getattr(args, "teacher_every_k_steps", 1) > 1 and getattr(args, "deepspeed", None):
+        raise ValueError(
+            "teacher_every_k_steps > 1 keeps the teacher out of the optimizer step on skipped steps by dropping its "
+            "gradients, and DeepSpeed's engine steps every parameter from its own gradient buffers. Use DDP, or "
+            "teacher_every_k_steps=1."
+        )
 
 
 def check_delta_training_arguments(args: Any) -> None:

@@ -16,7 +16,6 @@ from delta_trl.core.linearize import (
     TeacherPass,
     linearized_forward,
     linearized_loss,
-    linearized_teacher_forward,
     linearized_teacher_loss,
     logits_on_rows,
 )
@@ -118,7 +117,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
-        with_teacher = linear or (training and self._teacher_name is not None)
+        with_teacher = linear or (training and self._teacher_runs())
 
         # every log-prob is taken on the completion rows only ((N, V), never a (B, T, V) log-softmax)
         rows, targets = row_targets(labels, shift=True)
@@ -138,7 +137,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
                     full = linearized_forward(unwrapped, model_kwargs, adapter, (), differentiable=False)
                     teacher = TeacherPass(rows, full.base_logits[rows], full.tangent_logits[rows], (), ())
                 else:
-                    teacher = linearized_teacher_forward(
+                    teacher = self._teacher_forward(
                         unwrapped, model_kwargs, adapter, rows, () if linear else args.distill_layers
                     )
                 ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, teacher)
@@ -178,7 +177,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
             # without `return_outputs` nobody reads the student's logits off the completion rows: the LM head skips them
             on_rows = contextlib.nullcontext() if return_outputs else logits_on_rows(base, rows)
             with self._student_at(unwrapped, alpha), on_rows:
-                outputs = model(**model_kwargs, output_hidden_states=training)
+                outputs = model(**model_kwargs, output_hidden_states=teacher is not None)
             row_logits = outputs.logits[rows] if return_outputs else outputs.logits
             logits = outputs.logits if return_outputs else None
             policy_logps = sequence_logps(row_logits)
@@ -195,7 +194,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
                 )
                 metrics |= {"delta/distill_loss": distill, "delta/alpha": alpha}
             # every term is a micro-batch mean (loss_is_scaled_for_ga = False): the Trainer divides by accumulation
-            penalty = self._curvature_penalty(unwrapped) if training else None
+            penalty = self._curvature_penalty(unwrapped, with_teacher=teacher is not None) if training else None
             if penalty is not None:
                 metrics["delta/curvature_penalty"] = penalty
             loss = delta_objective(

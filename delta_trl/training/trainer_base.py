@@ -31,6 +31,7 @@ from delta_trl.core.adapters import (
     add_teacher_adapter,
     check_linear_lora,
     check_linear_lora_config,
+    lora_layers,
     scaled_adapters,
     unparked,
 )
@@ -39,6 +40,7 @@ from delta_trl.core.linearize import (
     check_hidden_layers,
     check_input_embeddings_frozen,
     check_jvp_support,
+    finite_difference_teacher_forward,
     forward_kwargs,
     hidden_states_of,
     linearized_forward,
@@ -167,7 +169,51 @@ class DeltaTrainerMixin:
                     "so the linearized teacher cannot run. Use ZeRO-2 (accelerate_configs/zero2.yaml): LoRA "
                     "optimizer states are small, and ZeRO-2 shards them."
                 )
+        if self._teacher_name:
+            self._check_cheaper_teacher(unwrapped)
         self._curvature = self._load_curvature(unwrapped) if args.curvature_weight > 0 else None
+
+    def _check_cheaper_teacher(self, model: PeftModel) -> None:
+        """What the config could not see: the launcher's mixed precision and engine, the weights' dtype."""
+        args: DeltaArguments = self.args
+        if args.teacher_tangent == "fd":
+            dtypes = {layer.get_base_layer().weight.dtype for layer in lora_layers(model, self._teacher_name)}
+            mixed = getattr(self.accelerator, "mixed_precision", "no")
+            if mixed != "no" or not dtypes <= {torch.float32, torch.float64}:
+                raise ValueError(
+                    f"teacher_tangent='fd' needs fp32/fp64 forwards (the difference cancels half of fp32's digits); "
+                    f"this run has mixed_precision={mixed!r} and base weights in {sorted(map(str, dtypes))}. Load the "
+                    "model in fp32 and launch without mixed precision, or use teacher_tangent='jvp'."
+                )
+            if torch.get_float32_matmul_precision() != "highest":
+                raise ValueError(
+                    f"teacher_tangent='fd' needs full fp32 matmuls; torch.get_float32_matmul_precision() is "
+                    f"{torch.get_float32_matmul_precision()!r} (TF32/bf16 matmuls). Set torch.backends.cuda.matmul."
+                    "allow_tf32=False, or use teacher_tangent='jvp'."
+                )
+        if args.teacher_every_k_steps > 1 and self.is_deepspeed_enabled:
+            raise ValueError(
+                "teacher_every_k_steps > 1 drops the teacher's gradients on skipped steps, and DeepSpeed's engine "
+                "steps every parameter from its own buffers. Use DDP, or teacher_every_k_steps=1."
+            )
+
+    def _teacher_runs(self) -> bool:
+        """Whether this optimizer step has a teacher: every ``teacher_every_k_steps``-th global step (0, k, 2k...).
+
+        A function of the global step only, so every micro-batch and every process of a step decide alike.
+        """
+        return self._teacher_name is not None and self.state.global_step % self.args.teacher_every_k_steps == 0
+
+    def _teacher_forward(
+        self, model: PeftModel, inputs: dict[str, Any], adapter_name: str, rows: torch.Tensor, hidden_layers: Any = ()
+    ):
+        """The teacher pass the config asks for: the exact one-pass JVP, or the finite difference (`fd`)."""
+        forward = (
+            finite_difference_teacher_forward
+            if self.args.teacher_tangent == "fd" and adapter_name == self._teacher_name
+            else linearized_teacher_forward
+        )
+        return forward(model, inputs, adapter_name, rows, hidden_layers)
 
     def _load_curvature(self, model: PeftModel):
         """θ0's curvature factors: the cache at `curvature_path`, or estimated on `curvature_dataset` and cached."""
@@ -190,12 +236,13 @@ class DeltaTrainerMixin:
         )
         return factors.to(self.accelerator.device, torch.float32)  # once, not per penalty call
 
-    def _curvature_penalty(self, model: PeftModel) -> torch.Tensor | None:
-        """``R(τ_S) + R(τ_T)`` (``R(τ_S)`` without a teacher), or ``None`` when the penalty is off (docs/METHOD.md §4)."""
+    def _curvature_penalty(self, model: PeftModel, with_teacher: bool = True) -> torch.Tensor | None:
+        """``R(τ_S) + R(τ_T)`` (``R(τ_S)`` without a teacher or on a step that skips it), or ``None`` when the penalty
+        is off (docs/METHOD.md §4)."""
         if self._curvature is None:
             return None
         penalty = curvature_penalty(model, self._curvature, self._student_name)
-        if self._teacher_name:
+        if self._teacher_name and with_teacher:
             penalty = penalty + curvature_penalty(model, self._curvature, self._teacher_name)
         return penalty
 
@@ -214,9 +261,19 @@ class DeltaTrainerMixin:
         self._step_alpha = alpha
         try:
             with scaled_adapters(unwrapped, {self._student_name: alpha}):
-                return super().training_step(model, inputs, *args, **kwargs)
+                loss = super().training_step(model, inputs, *args, **kwargs)
         finally:
             self._step_alpha = None
+        if self._teacher_name and not self._teacher_runs():
+            # The parked teacher still sits in the student's graph (scale 0) and gets zero gradients; a zero gradient
+            # would still move it under Adam's momentum and weight decay, a missing one keeps it out of the step.
+            for layer in lora_layers(unwrapped, self._teacher_name):
+                for param in (
+                    *layer.lora_A[self._teacher_name].parameters(),
+                    *layer.lora_B[self._teacher_name].parameters(),
+                ):
+                    param.grad = None
+        return loss
 
     @contextlib.contextmanager
     def _student_at(self, model: PeftModel, alpha: float) -> Iterator[None]:
@@ -331,23 +388,26 @@ class DeltaTrainerMixin:
 
         metrics: dict[str, Any] = {}
         distill_loss = teacher_loss = teacher_states = None
-        if training and self._teacher_name:
+        if training and self._teacher_runs():
             # the teacher first: its θ0 graph is freed before the student's graph exists (peak memory)
             with unparked(unwrapped, self._teacher_name):
-                teacher = linearized_teacher_forward(unwrapped, inputs, self._teacher_name, rows, args.distill_layers)
+                teacher = self._teacher_forward(unwrapped, inputs, self._teacher_name, rows, args.distill_layers)
                 teacher_loss = linearized_teacher_loss(unwrapped, self._teacher_name, teacher, rows_task_loss, alpha)
             teacher_states = teacher.hidden(alpha)
             del teacher
 
-        student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": training}
-        with self._student_at(unwrapped, alpha):
+        distilling = teacher_states is not None
+        student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": distilling}
+        # without a teacher this step, α is only where L_S is taken: straight at 1 when task_loss_at_alpha=False
+        student_alpha = alpha if distilling or args.task_loss_at_alpha else 1.0
+        with self._student_at(unwrapped, student_alpha):
             outputs = model(**student_kwargs)
         task_loss = task_loss_of(outputs.logits)
         if not training:
             self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
             return task_loss, outputs
 
-        if self._teacher_name:
+        if distilling:
             student_hidden = hidden_states_of(outputs, self._is_encoder_decoder)
             distill_loss = scale * sum(
                 hidden_distillation_loss(
@@ -368,7 +428,9 @@ class DeltaTrainerMixin:
             if not args.task_loss_at_alpha and alpha != 1.0:
                 with self._student_at(unwrapped, 1.0):
                     task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
-        penalty = self._curvature_penalty(unwrapped)
+        elif self._teacher_name:
+            metrics["delta/alpha"] = student_alpha
+        penalty = self._curvature_penalty(unwrapped, with_teacher=distilling)
         accumulation = 1
         if penalty is not None:
             metrics["delta/curvature_penalty"] = penalty
