@@ -137,3 +137,34 @@ def delta_config(tmp_path, **overrides):
     }
     defaults.update(overrides)
     return DeltaConfig(**defaults)
+
+
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}
+
+
+def make_student_and_teacher(
+    kind: str,
+    *,
+    attn: str = "sdpa",
+    r: int = 3,
+    teacher_r: int = 2,
+    std: float = 0.3,
+    dtype: torch.dtype = torch.float64,
+):
+    """A tiny Llama or T5 with a LoRA student ("default") and teacher ("teacher") on attention and MLP layers, all
+    LoRA weights random (non-zero: the teacher's tangent must not see the student)."""
+    from peft import LoraConfig, get_peft_model
+
+    from delta_trl.core.adapters import add_teacher_adapter
+
+    base = make_llama(attn_implementation=attn) if kind == "llama" else make_t5(attn_implementation=attn)
+    task = "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM"
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS[kind], task_type=task)
+    model = get_peft_model(base, config)
+    add_teacher_adapter(model, "default", "teacher", teacher_r=teacher_r)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, std)
+    return model.to(dtype)

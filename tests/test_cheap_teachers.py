@@ -3,15 +3,15 @@ JVP, its refusals, and the teacher on one step in k (`teacher_every_k_steps`), o
 
 import pytest
 import torch
-from conftest import addition_rows, delta_config, make_llama, make_t5
+from conftest import addition_rows, delta_config, make_llama, make_student_and_teacher
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from torch.testing import assert_close
 from transformers import DataCollatorForSeq2Seq
 from transformers.models.llama import modeling_llama
 
 from delta_trl import DeltaTrainer
-from delta_trl.core.adapters import add_teacher_adapter, lora_layers, nominal_scaling, scaled_adapters, unparked
+from delta_trl.core.adapters import lora_layers, nominal_scaling, scaled_adapters, unparked
 from delta_trl.core.linearize import (
     finite_difference_step,
     finite_difference_teacher_forward,
@@ -24,8 +24,6 @@ from delta_trl.core.rows import row_targets, rows_cross_entropy
 from delta_trl.training.configs import deepspeed_zero_stage
 
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}
-TASKS = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 # Measured with the automatic ε (tiny models, LoRA weights ~ N(0, 0.1), ρ ≈ 2 Llama / 0.46 T5): tangent relative
 # error 1.2e-3 / 1.4e-3 in fp32, 5e-4 / 7e-4 in fp64 (HF norms compute in fp32); teacher gradient 3e-5 / 3.5e-4.
 TANGENT_RTOL = 3e-3
@@ -33,15 +31,7 @@ GRADIENT_RTOL = 2e-3
 
 
 def _peft(kind: str, dtype=torch.float32, std: float = 0.1):
-    base = make_llama() if kind == "llama" else make_t5()
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind]))
-    add_teacher_adapter(model, "default", "teacher", teacher_r=4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, std)
-    return model.to(dtype)
+    return make_student_and_teacher(kind, r=4, teacher_r=4, std=std, dtype=dtype)
 
 
 def _inputs(kind: str):

@@ -1,8 +1,14 @@
 """`delta-trl experiment`: the experiment file's checks, the validation split, the results schema, exact merges, α
 chosen on validation only, reuse and resume, refusal of an output folder holding another experiment."""
 
+import dataclasses
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,8 +355,6 @@ def test_dpo_experiment_reports_reward_accuracy_margins_and_the_front(tmp_path, 
 
 
 def test_shipped_experiment_files_parse():
-    from pathlib import Path
-
     files = sorted(Path("recipes/configs/experiments").glob("*.yaml"))
     assert {f.name for f in files} >= {"smoke_embedded.yaml", "dpo_smoke_embedded.yaml", "nli_t5.yaml",
                                        "dpo_help_verb.yaml"}  # fmt: skip
@@ -367,12 +371,6 @@ def test_shipped_experiment_files_parse():
 @pytest.mark.distributed
 def test_experiment_under_torchrun_two_processes(tmp_path, tiny_llama_dir):
     """Two gloo ranks train every task vector together; the main process alone evaluates, merges and reports."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     raw = _config(tmp_path, tiny_llama_dir)
     raw["training"] |= {"per_device_train_batch_size": 2, "max_steps": 2}
     path = tmp_path / "exp.yaml"
@@ -394,3 +392,26 @@ def test_experiment_under_torchrun_two_processes(tmp_path, tiny_llama_dir):
             record = json.loads((tmp_path / "run" / "vectors" / method / task / "vector.json").read_text())
             assert record["steps"] == 2
         assert (tmp_path / "run" / "merged" / method / "adapter_model.safetensors").is_file()
+
+
+def test_push_needs_a_hub_base_and_uploads_the_chosen_merge(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(runner, "train_vector", lambda *a, **k: pytest.fail("trained before refusing"))
+    raw = _config(tmp_path, tiny_llama_dir, push_to_hub="me/merged")
+    with pytest.raises(UserError, match="push_to_hub"):  # a local base folder cannot be named in a Hub card
+        run_experiment(parse_config(raw, "exp.yaml"))
+    assert not (tmp_path / "run").exists()
+
+    import delta_trl.hub
+
+    uploads = []
+    monkeypatch.setattr(delta_trl.hub, "push_to_hub", lambda folder, repo, **kw: uploads.append((folder, repo, kw)))
+    config = parse_config(dict(raw, methods=["nonlinear", "delta"]), "exp.yaml")
+    results = {"tasks": ["parity"], "zero_shot": {"parity": 0.5}, "methods": {m: {
+        "individual": {"parity": 1.0}, "merged_alpha_1": {"per_task": {"parity": 0.9}, "mean_normalized": 0.9},
+        "merged_best": {"alpha": 0.5, "per_task": {"parity": 1.0}, "mean_normalized": 1.0}} for m in config.methods}}  # fmt: skip
+    runner.push(config, results)
+    folder, repo, kw = uploads[0]
+    assert (Path(folder).name, repo) == ("delta", "me/merged")  # delta when trained, by default
+    assert kw["results"]["α* (chosen on validation)"] == 0.5
+    runner.push(dataclasses.replace(config, push_method="nonlinear"), results)
+    assert Path(uploads[1][0]).name == "nonlinear"

@@ -2,31 +2,18 @@
 
 import pytest
 import torch
-from conftest import make_llama, make_t5
+from conftest import make_llama, make_student_and_teacher
 from peft import LoraConfig, get_peft_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 
-from delta_trl.core.adapters import add_teacher_adapter, lora_layers, scaled_adapters, unparked
+from delta_trl.core.adapters import lora_layers, scaled_adapters, unparked
 from delta_trl.core.linearize import linearized_forward, linearized_loss
 from delta_trl.core.losses import token_cross_entropy
 
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}
-
-
 def _peft(kind: str, attn: str):
-    base = make_llama(attn_implementation=attn) if kind == "llama" else make_t5(attn_implementation=attn)
-    task = "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM"
-    model = get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS[kind], task_type=task))
-    add_teacher_adapter(model, "default", "teacher", teacher_r=2)
-    # non-zero student and teacher: the teacher's tangent must not see the student
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.3)
-    return model.double()
+    return make_student_and_teacher(kind, attn=attn)
 
 
 def _inputs(kind: str):

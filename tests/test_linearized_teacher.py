@@ -3,11 +3,10 @@ through the JVP, in fp64, on a tiny Llama and a tiny T5 built from random config
 
 import pytest
 import torch
-from conftest import make_llama, make_t5
-from peft import LoraConfig, get_peft_model
+from conftest import make_student_and_teacher
 from torch.testing import assert_close
 
-from delta_trl.core.adapters import add_teacher_adapter, unparked
+from delta_trl.core.adapters import unparked
 from delta_trl.core.linearize import (
     frozen_linear_jvp,
     linearized_forward,
@@ -18,20 +17,8 @@ from delta_trl.core.losses import completion_logps, dpo_loss, token_cross_entrop
 from delta_trl.core.rows import row_targets, rows_cross_entropy, rows_sequence_logps
 
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "t5": ["q", "v", "wo"]}
-
-
 def _peft(kind: str, attn: str = "sdpa"):
-    base = make_llama(attn_implementation=attn) if kind == "llama" else make_t5(attn_implementation=attn)
-    task = "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM"
-    model = get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS[kind], task_type=task))
-    add_teacher_adapter(model, "default", "teacher", teacher_r=2)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.3)
-    return model.double()
+    return make_student_and_teacher(kind, attn=attn)
 
 
 def _inputs(kind: str):

@@ -42,6 +42,7 @@ from delta_trl.core.losses import IGNORE_INDEX, completion_logps
 from delta_trl.evaluation import plots
 from delta_trl.evaluation.scoring import ClassificationSet, class_scores, merged_logits
 from delta_trl.evaluation.selection import AlphaSelection, NegationSelection
+from delta_trl.evaluation.task_scores import greedy_token_ids
 
 
 Predict = Callable[[Mapping[str, float], str], torch.Tensor]
@@ -253,7 +254,6 @@ def logp_preference_accuracy(
     return {"accuracy": wins / pairs, "mean_margin": margin / pairs, "pairs": pairs}
 
 
-@torch.no_grad()
 def greedy_responses(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -263,26 +263,10 @@ def greedy_responses(
     linearized: bool = False,
     max_new_tokens: int = 32,
 ) -> tuple[list[str], list[int]]:
-    """Greedy decoding of a causal LM at ``θ0 + Σ α_t τ_t``, one prompt at a time, without a KV cache.
-
-    Every step is a full :func:`delta_trl.evaluation.scoring.merged_logits` call, so the same code decodes the linearized
-    model (a JVP per step) as the ordinary one. Returns the responses and their lengths in tokens.
-    """
-    eos = tokenizer.eos_token_id
-    texts, lengths = [], []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            token = int(merged_logits(model, inputs, factors, linearized)[0, -1].argmax())
-            if token == eos:
-                break
-            new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
-        lengths.append(len(new))
-    return texts, lengths
+    """Greedy decoding at ``θ0 + Σ α_t τ_t`` (:func:`delta_trl.evaluation.task_scores.greedy_token_ids`, which
+    decodes the linearized model through the same code); returns the responses and their lengths in tokens."""
+    ids = greedy_token_ids(model, tokenizer, prompts, factors, linearized=linearized, max_new_tokens=max_new_tokens)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids], [len(t) for t in ids]
 
 
 def dpo_front(

@@ -83,7 +83,7 @@ def _is_encoder_decoder(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def greedy_answers(
+def greedy_token_ids(
     model: torch.nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
@@ -92,19 +92,17 @@ def greedy_answers(
     linearized: bool = False,
     max_new_tokens: int = 16,
     add_special_tokens: bool = True,
-) -> list[str]:
-    """Greedy decoding at ``θ0 + Σ α_t τ_t`` (causal or encoder-decoder), one prompt at a time and without a KV cache,
-    so that the linearized model decodes through the same :func:`merged_logits` as the ordinary one."""
+) -> list[list[int]]:
+    """Greedy decoding at ``θ0 + Σ α_t τ_t`` (causal or encoder-decoder): the new token ids of each prompt, up to
+    EOS (excluded). One prompt at a time and without a KV cache, so that the linearized model decodes through the
+    same :func:`merged_logits` as the ordinary one (a JVP per adapter and step)."""
     seq2seq = _is_encoder_decoder(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     eos = tokenizer.eos_token_id
-    answers = []
+    out = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]])
-        if seq2seq:
-            generated = torch.tensor([[base.config.decoder_start_token_id]])
-        else:
-            generated = ids
+        generated = torch.tensor([[base.config.decoder_start_token_id]]) if seq2seq else ids
         new: list[int] = []
         for _ in range(max_new_tokens):
             if seq2seq:
@@ -116,8 +114,24 @@ def greedy_answers(
                 break
             new.append(token)
             generated = torch.cat([generated, torch.tensor([[token]])], dim=1)
-        answers.append(tokenizer.decode(new, skip_special_tokens=True))
-    return answers
+        out.append(new)
+    return out
+
+
+def greedy_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    factors: Mapping[str, float],
+    *,
+    linearized: bool = False,
+    max_new_tokens: int = 16,
+    add_special_tokens: bool = True,
+) -> list[str]:
+    """The decoded text of :func:`greedy_token_ids`."""
+    ids = greedy_token_ids(model, tokenizer, prompts, factors, linearized=linearized, max_new_tokens=max_new_tokens,
+                           add_special_tokens=add_special_tokens)  # fmt: skip
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
 
 
 @torch.no_grad()
