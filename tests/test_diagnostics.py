@@ -16,6 +16,7 @@ from delta_trl.evaluation.diagnostics import (
     classification_predictor,
     completion_logp,
     disentanglement_error,
+    disentanglement_points,
     dpo_front,
     linearization_error,
 )
@@ -73,6 +74,27 @@ def test_xi_on_tiny_model_writes_files(llama_with_adapters, tiny_tokenizer, tmp_
         (predict(both, "help") != alone_help).double().mean() + (predict(both, "verb") != alone_verb).double().mean()
     )
     assert result["xi"][1][1] == expected
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+def test_precomputed_points_give_the_same_xi(llama_with_adapters, tiny_tokenizer, linearized):
+    """Scoring every grid point in one pass per task (shared JVPs when linearized) changes no prediction."""
+    data = {
+        "help": ClassificationSet(["the cat sleeps", "the cat runs", "What is 2 + 3?"], [0, 1, 0], [" yes", " no"]),
+        "verb": ClassificationSet(["a man plays", "music", "premise: a"], [1, 0, 1], [" yes", " no"]),
+    }
+    grid = [-1.0, 0.0, 0.5, 2.0]
+    points = disentanglement_points(("help", "verb"), grid)
+    assert len(points) == 2 * len(grid) + len(grid) ** 2
+    lazy = classification_predictor(llama_with_adapters, tiny_tokenizer, data, linearized=linearized)
+    eager = classification_predictor(llama_with_adapters, tiny_tokenizer, data, linearized=linearized, points=points)
+    for factors in points:
+        for task in data:
+            assert torch.equal(eager(factors, task), lazy(factors, task)), (factors, task)
+    assert (
+        disentanglement_error(eager, ("help", "verb"), grid)["xi"]
+        == disentanglement_error(lazy, ("help", "verb"), grid)["xi"]
+    )
 
 
 def test_linearization_error_by_hand(llama_with_adapters, tiny_tokenizer, tmp_path):

@@ -40,7 +40,7 @@ from delta_trl._utils import write_json
 from delta_trl.core.linearize import linearized_forward
 from delta_trl.core.losses import IGNORE_INDEX, completion_logps
 from delta_trl.evaluation import plots
-from delta_trl.evaluation.scoring import ClassificationSet, class_scores, merged_logits
+from delta_trl.evaluation.scoring import ClassificationSet, class_scores, class_scores_many, merged_logits
 from delta_trl.evaluation.selection import AlphaSelection, NegationSelection
 from delta_trl.evaluation.task_scores import greedy_token_ids
 
@@ -56,6 +56,10 @@ def _write(result: dict[str, Any], output_dir: str | os.PathLike | None, name: s
     return result
 
 
+def _point_key(factors: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((name, float(alpha)) for name, alpha in factors.items() if float(alpha) != 0.0))
+
+
 def classification_predictor(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -63,14 +67,39 @@ def classification_predictor(
     *,
     linearized: bool = False,
     batch_size: int = 16,
+    points: Sequence[Mapping[str, float]] = (),
 ) -> Predict:
-    """``predict(factors, task)``: predicted classes on ``datasets[task]`` of the model at ``θ0 + Σ α_t τ_t``."""
+    """``predict(factors, task)``: predicted classes on ``datasets[task]`` of the model at ``θ0 + Σ α_t τ_t``.
+
+    The ``points`` known in advance (e.g. :func:`disentanglement_points`) are scored together, one pass per task
+    (:func:`~delta_trl.evaluation.scoring.class_scores_many`: one JVP per adapter and batch on the linearized model);
+    any other point is scored when asked for.
+    """
+    known: dict[tuple, torch.Tensor] = {}
+    if points:
+        for task, data in datasets.items():
+            scores = class_scores_many(model, tokenizer, data, points, linearized=linearized, batch_size=batch_size)
+            for factors, score in zip(points, scores, strict=True):
+                known[(_point_key(factors), task)] = score.argmax(dim=-1)
 
     def predict(factors: Mapping[str, float], task: str) -> torch.Tensor:
+        hit = known.get((_point_key(factors), task))
+        if hit is not None:
+            return hit
         scores = class_scores(model, tokenizer, datasets[task], factors, linearized=linearized, batch_size=batch_size)
         return scores.argmax(dim=-1)
 
     return predict
+
+
+def disentanglement_points(
+    tasks: tuple[str, str], alphas_1: Sequence[float], alphas_2: Sequence[float] | None = None
+) -> list[dict[str, float]]:
+    """Every point :func:`disentanglement_error` scores: each task alone on its grid, and every pair."""
+    alphas_2 = list(alphas_1 if alphas_2 is None else alphas_2)
+    t1, t2 = tasks
+    singles = [{t1: a} for a in sorted(set(alphas_1))] + [{t2: a} for a in sorted(set(alphas_2))]
+    return singles + [{t1: a1, t2: a2} for a1 in alphas_1 for a2 in alphas_2]
 
 
 def disentanglement_error(

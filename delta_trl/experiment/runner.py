@@ -445,14 +445,19 @@ def evaluate_method(
 
 def disentanglement(ev: MethodEvaluation, first: str, second: str, folder: Path) -> dict[str, Any]:
     """ξ(α1, α2) of the first two tasks on (at most 64) test rows, as a heat map."""
-    from delta_trl.evaluation.diagnostics import classification_predictor, disentanglement_error
+    from delta_trl.evaluation.diagnostics import (
+        classification_predictor,
+        disentanglement_error,
+        disentanglement_points,
+    )
 
     sets = {t: ev.sets["test"][t].classification() for t in (first, second)}
     sets = {t: dataclasses.replace(s, texts=s.texts[:64], labels=s.labels[:64]) for t, s in sets.items()}
+    grid = ev.config.evaluation.disentanglement_alphas
     predict = classification_predictor(ev.model, ev.tokenizer, sets, linearized=ev.linearized,
-                                       batch_size=ev.config.evaluation.batch_size)  # fmt: skip
-    return disentanglement_error(predict, (first, second), ev.config.evaluation.disentanglement_alphas,
-                                 output_dir=folder)  # fmt: skip
+                                       batch_size=ev.config.evaluation.batch_size,
+                                       points=disentanglement_points((first, second), grid))  # fmt: skip
+    return disentanglement_error(predict, (first, second), grid, output_dir=folder)
 
 
 def preference_front(ev: MethodEvaluation, first: str, second: str, folder: Path) -> dict[str, Any]:
