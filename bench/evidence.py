@@ -51,6 +51,35 @@ def summarize(folders: list[Path]) -> dict[str, Any]:
     return summary
 
 
+def per_task(folders: list[Path]) -> dict[str, Any]:
+    """Per method and task, the mean over finished seeds of the zero-shot, individual, merged α = 1 and merged α*
+    test accuracies."""
+    runs = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
+    table: dict[str, Any] = {}
+    for method in runs[0]["methods"]:
+        rows = [r for r in runs if method in r["methods"]]
+        table[method] = {
+            task: {
+                "zero_shot": statistics.mean(r["zero_shot"][task] for r in rows),
+                "individual": statistics.mean(r["methods"][method]["individual"][task] for r in rows),
+                "alpha_1": statistics.mean(r["methods"][method]["merged_alpha_1"]["per_task"][task] for r in rows),
+                "best": statistics.mean(r["methods"][method]["merged_best"]["per_task"][task] for r in rows),
+                "seeds": len(rows),
+            }
+            for task in rows[0]["tasks"]
+        }
+    return table
+
+
+def per_task_markdown(table: dict[str, Any]) -> str:
+    lines = ["| method | task | zero-shot | individual | merged α = 1 | merged α* |", "|---|---|---|---|---|---|"]
+    for method, tasks in table.items():
+        for task, v in tasks.items():
+            lines.append(f"| {method} | {task} | {v['zero_shot']:.3f} | {v['individual']:.3f} | {v['alpha_1']:.3f} "
+                         f"| {v['best']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     def cell(stat: dict[str, float]) -> str:
         if stat["n"] == 1:
@@ -86,7 +115,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     summary = summarize(folders)
     output.mkdir(parents=True, exist_ok=True)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = markdown(summary)
+    text = markdown(summary) + "\n" + per_task_markdown(per_task(folders))
     (output / "summary.md").write_text(text)
     print(text)
     return summary

@@ -43,3 +43,18 @@ def test_summary_means_and_spreads_over_seeds(tmp_path):
     assert "| a | 0.800 (0.700–0.900) |" in evidence.markdown(summary)
     with pytest.raises(SystemExit, match="no finished seed"):
         evidence.summarize([tmp_path / "none"])
+
+
+def test_per_task_table_averages_seeds(tmp_path):
+    evidence = _module()
+    for seed, (ind, one, best) in enumerate([(0.8, 0.4, 0.6), (1.0, 0.6, 0.8)]):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        method = {"individual": {"t": ind}, "merged_alpha_1": {"per_task": {"t": one}},
+                  "merged_best": {"per_task": {"t": best}}}  # fmt: skip
+        results = {"tasks": ["t"], "zero_shot": {"t": 0.25}, "methods": {"a": method}}
+        (folder / "results.json").write_text(json.dumps(results))
+    table = evidence.per_task([tmp_path / "seed0", tmp_path / "seed1"])
+    assert table["a"]["t"] == pytest.approx({"zero_shot": 0.25, "individual": 0.9, "alpha_1": 0.5, "best": 0.7,
+                                             "seeds": 2})  # fmt: skip
+    assert "| a | t | 0.250 | 0.900 | 0.500 | 0.700 |" in evidence.per_task_markdown(table)
