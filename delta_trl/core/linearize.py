@@ -168,7 +168,7 @@ def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, Any], *, embed: 
 def linearized_forward(
     model: PeftModel,
     inputs: Mapping[str, Any],
-    adapter_name: str,
+    adapter_name: str | Sequence[str],
     hidden_layers: Sequence[int] = (-1,),
     *,
     differentiable: bool = True,
@@ -183,7 +183,8 @@ def linearized_forward(
         model: a ``PeftModel`` (unwrapped from DDP/DeepSpeed: ``torch.func`` cannot trace the wrappers).
         inputs: the batch (``input_ids``, ``attention_mask``, ``labels``/``decoder_input_ids``...). ``labels`` are
             not passed to the model.
-        adapter_name: the LoRA adapter that defines the tangent ``τ``.
+        adapter_name: the LoRA adapter that defines the tangent ``τ``; several adapters give the tangent of their sum,
+            ``J·Σ_t τ_t = Σ_t J·τ_t`` (one JVP instead of one per adapter).
         hidden_layers: indices into the hidden-state tuple (decoder's for encoder-decoder models).
         differentiable: keep the autograd graph through the tangent (when grad mode is on), so that a loss on it
             backpropagates to the adapter. ``False`` runs the JVP without a graph (≈ 2 forwards, no activation
@@ -193,15 +194,17 @@ def linearized_forward(
         :class:`LinearizedOutput`. The primal is detached; the tangent carries the autograd graph to the adapter's
         LoRA weights when ``differentiable`` and grad mode is on.
     """
-    check_linear_lora(model, adapter_name)
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    for name in names:
+        check_linear_lora(model, name)
     check_jvp_support(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     is_encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
     kwargs = forward_kwargs(base, inputs, embed=True)
-    others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
+    others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name not in names}
 
     def forward(eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with scaled_adapters(model, {adapter_name: eps}):
+        with scaled_adapters(model, dict.fromkeys(names, eps)):
             outputs = model(**kwargs)
         hidden = hidden_states_of(outputs, is_encoder_decoder)
         return (outputs.logits, *(hidden[i] for i in hidden_layers))

@@ -270,24 +270,33 @@ def merged_logits_many(
     if not linearized:
         with rows:
             return [merged_logits(model, inputs, factors) for factors in factor_sets]
-    complete = [all_factors(model, factors) for factors in factor_sets]
-    names = sorted({name for factors in complete for name, alpha in factors.items() if alpha != 0.0})
-    tangents: dict[str, torch.Tensor] = {}
+    # Each point as Σ_k c_k·J·(Σ_{t∈S_k} τ_t): a point with one coefficient on all its adapters (α·Σ_t τ_t) needs one
+    # JVP along their sum, whatever their number; any other point one JVP per adapter.
+    terms = [_tangent_terms(all_factors(model, factors)) for factors in factor_sets]
+    directions = sorted({group for point in terms for group, _ in point})
+    tangents: dict[tuple[str, ...], torch.Tensor] = {}
     primal = None
     with torch.no_grad(), rows:
-        for name in names:
-            out = linearized_forward(model, inputs, name, differentiable=False)
-            primal, tangents[name] = out.base_logits, out.tangent_logits
+        for group in directions:
+            out = linearized_forward(model, inputs, list(group), differentiable=False)
+            primal, tangents[group] = out.base_logits, out.tangent_logits
         if primal is None:  # every factor is 0: the base model
             primal = merged_logits(model, inputs, {})
     result = []
-    for factors in complete:
+    for point in terms:
         logits = primal.clone()
-        for name, alpha in factors.items():
-            if alpha != 0.0:
-                logits += alpha * tangents[name]
+        for group, coefficient in point:
+            logits += coefficient * tangents[group]
         result.append(logits)
     return result
+
+
+def _tangent_terms(factors: Mapping[str, float]) -> list[tuple[tuple[str, ...], float]]:
+    """``[(adapters, c)]`` with ``Σ_t α_t τ_t = Σ c·Σ_{t ∈ adapters} τ_t``: one group when the nonzero α_t are equal."""
+    nonzero = {name: alpha for name, alpha in factors.items() if alpha != 0.0}
+    if len(set(nonzero.values())) == 1:
+        return [(tuple(sorted(nonzero)), next(iter(nonzero.values())))]
+    return [((name,), alpha) for name, alpha in sorted(nonzero.items())]
 
 
 def class_scores_many(
