@@ -102,6 +102,15 @@ def tiny_t5() -> T5ForConditionalGeneration:
     return make_t5()
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> str:
+    """A tiny Llama and its tokenizer saved as a model folder (what recipes and experiments load by path)."""
+    folder = tmp_path / "tiny"
+    make_llama(initializer_range=0.2).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 def addition_rows(tokenizer, n: int = 16, seq2seq: bool = False) -> list[dict]:
     """Tokenized "What is a + b?" -> " c" examples of varying lengths; labels only on the answer (causal) or
     the whole target (seq2seq)."""

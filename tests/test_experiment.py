@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_llama, make_t5, make_tokenizer
+from conftest import make_t5, make_tokenizer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -38,14 +38,6 @@ def _write_task(folder, kind: str, n_train: int = 40, n_test: int = 12) -> str:
     folder.mkdir(parents=True)
     for split, rows in (("train", _rows(kind, n_train)), ("test", _rows(kind, n_test, offset=1000))):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(folder)
-
-
-@pytest.fixture
-def tiny_llama_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    make_llama(initializer_range=0.2).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
     return str(folder)
 
 
@@ -148,8 +140,8 @@ def _scored_calls(monkeypatch) -> list[tuple[str, dict]]:
     return calls
 
 
-def test_experiment_end_to_end_schema_exact_merge_and_alpha_on_validation(tmp_path, tiny_llama_dir, monkeypatch):
-    raw = _config(tmp_path, tiny_llama_dir)
+def test_experiment_end_to_end_schema_exact_merge_and_alpha_on_validation(tmp_path, tiny_model_dir, monkeypatch):
+    raw = _config(tmp_path, tiny_model_dir)
     calls = _scored_calls(monkeypatch)
     results = run_experiment(parse_config(raw, "exp.yaml"))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -190,12 +182,12 @@ def test_experiment_end_to_end_schema_exact_merge_and_alpha_on_validation(tmp_pa
     method = "delta"
     alpha = saved["methods"][method]["merged_best"]["alpha"]
     ids = torch.tensor([[5, 9, 14, 3, 7]])
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                        str(tmp_path / "run" / "merged" / method)).eval()  # fmt: skip
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     state = dict(base.state_dict())
     for task in ("parity", "size"):
-        vector = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        vector = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                            str(tmp_path / "run" / "vectors" / method / task)).merge_and_unload()  # fmt: skip
         for name, value in vector.state_dict().items():
             state[name] = state[name] + alpha * (value - base.state_dict()[name])
@@ -207,8 +199,8 @@ def test_experiment_end_to_end_schema_exact_merge_and_alpha_on_validation(tmp_pa
 
 
 @pytest.mark.slow
-def test_rerun_reuses_and_a_killed_training_resumes(tmp_path, tiny_llama_dir, monkeypatch, capsys):
-    raw = _config(tmp_path, tiny_llama_dir, methods=["delta"])
+def test_rerun_reuses_and_a_killed_training_resumes(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    raw = _config(tmp_path, tiny_model_dir, methods=["delta"])
     raw["training"] |= {"max_steps": 4, "save_steps": 2}
     reference = dict(raw, output_dir=str(tmp_path / "uninterrupted"))
     run_experiment(parse_config(reference, "exp.yaml"))
@@ -254,8 +246,8 @@ def test_rerun_reuses_and_a_killed_training_resumes(tmp_path, tiny_llama_dir, mo
     assert again["methods"]["delta"]["individual"] == results["methods"]["delta"]["individual"]
 
 
-def test_an_output_folder_of_another_experiment_is_refused_before_training(tmp_path, tiny_llama_dir, monkeypatch):
-    raw = _config(tmp_path, tiny_llama_dir, methods=["nonlinear"])
+def test_an_output_folder_of_another_experiment_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    raw = _config(tmp_path, tiny_model_dir, methods=["nonlinear"])
     raw["training"]["max_steps"] = 1
     run_experiment(parse_config(raw, "exp.yaml"))
     adapter = tmp_path / "run" / "vectors" / "nonlinear" / "parity" / "adapter_model.safetensors"
@@ -271,9 +263,9 @@ def test_an_output_folder_of_another_experiment_is_refused_before_training(tmp_p
         run_experiment(parse_config(dict(raw, output_dir=str(tmp_path / "other")), "exp.yaml"))
 
 
-def test_bad_tasks_and_targets_fail_before_training(tmp_path, tiny_llama_dir, monkeypatch):
+def test_bad_tasks_and_targets_fail_before_training(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(runner, "train_vector", lambda *a, **k: pytest.fail("trained before refusing"))
-    raw = _config(tmp_path, tiny_llama_dir)
+    raw = _config(tmp_path, tiny_model_dir)
     with pytest.raises(UserError, match="unknown preset|not a known preset|Unknown preset|unknown"):
         run_experiment(parse_config(dict(raw, tasks=[{"name": "x", "preset": "snly"}]), "exp.yaml"))
     with pytest.raises(UserError, match="lora.target_modules"):
@@ -325,7 +317,7 @@ def test_t5_on_an_nli_preset_from_a_local_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_experiment_reports_reward_accuracy_margins_and_the_front(tmp_path, tiny_llama_dir):
+def test_dpo_experiment_reports_reward_accuracy_margins_and_the_front(tmp_path, tiny_model_dir):
     tasks = []
     for name, long_is_better in (("helpful", False), ("verbose", True)):
         folder = tmp_path / name
@@ -338,7 +330,7 @@ def test_dpo_experiment_reports_reward_accuracy_margins_and_the_front(tmp_path, 
                 rows.append({"prompt": f"What is {i}?", "chosen": chosen, "rejected": rejected})
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         tasks.append({"name": name, "path": str(folder)})
-    raw = _config(tmp_path, tiny_llama_dir, tasks=tasks)
+    raw = _config(tmp_path, tiny_model_dir, tasks=tasks)
     raw["training"] = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 0.01, "beta": 0.1,
                        "max_length": 64, "use_cpu": True, "bf16": False, "disable_tqdm": True}  # fmt: skip
     raw["evaluation"] = {"alphas": [0.5, 1.0], "validation_size": 6, "front_coefficients": [-1.0, 0.0, 1.0]}
@@ -369,9 +361,9 @@ def test_shipped_experiment_files_parse():
 
 
 @pytest.mark.distributed
-def test_experiment_under_torchrun_two_processes(tmp_path, tiny_llama_dir):
+def test_experiment_under_torchrun_two_processes(tmp_path, tiny_model_dir):
     """Two gloo ranks train every task vector together; the main process alone evaluates, merges and reports."""
-    raw = _config(tmp_path, tiny_llama_dir)
+    raw = _config(tmp_path, tiny_model_dir)
     raw["training"] |= {"per_device_train_batch_size": 2, "max_steps": 2}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -394,9 +386,9 @@ def test_experiment_under_torchrun_two_processes(tmp_path, tiny_llama_dir):
         assert (tmp_path / "run" / "merged" / method / "adapter_model.safetensors").is_file()
 
 
-def test_push_needs_a_hub_base_and_uploads_the_chosen_merge(tmp_path, tiny_llama_dir, monkeypatch):
+def test_push_needs_a_hub_base_and_uploads_the_chosen_merge(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(runner, "train_vector", lambda *a, **k: pytest.fail("trained before refusing"))
-    raw = _config(tmp_path, tiny_llama_dir, push_to_hub="me/merged")
+    raw = _config(tmp_path, tiny_model_dir, push_to_hub="me/merged")
     with pytest.raises(UserError, match="push_to_hub"):  # a local base folder cannot be named in a Hub card
         run_experiment(parse_config(raw, "exp.yaml"))
     assert not (tmp_path / "run").exists()

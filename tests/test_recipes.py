@@ -13,14 +13,6 @@ from delta_trl.evaluation.diagnostics import logp_preference_accuracy
 from recipes import dpo_delta, sft_delta
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    make_llama(initializer_range=0.2).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
 def _parse(*argv):
     return sft_delta.make_parser().parse_args_and_config(
         ["--config", "recipes/configs/sft_delta.yaml", "--use_cpu", "true", "--disable_tqdm", "true", *argv]
