@@ -13,7 +13,6 @@ from delta_trl.evaluation.scoring import (
     class_scores,
     class_scores_many,
     merged_logits,
-    merged_logits_many,
 )
 from delta_trl.evaluation.task_scores import (
     TaskEvalSet,
@@ -125,11 +124,7 @@ def test_many_points_in_one_pass_equal_one_point_at_a_time(tiny_tokenizer, linea
     for factors, scores in zip(points, together, strict=True):
         alone = class_scores(model, tiny_tokenizer, data, factors, linearized=linearized, batch_size=3)
         torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-5)
-        if linearized and factors:  # one JVP along Σ τ_t (equal coefficients) or one per adapter = the per-adapter sum
-            inputs = dict(tiny_tokenizer(data.texts[1], return_tensors="pt"))
-            torch.testing.assert_close(merged_logits_many(model, inputs, [factors], linearized=True)[0],
-                                       merged_logits(model, inputs, factors, linearized=True), atol=1e-5, rtol=1e-5)  # fmt: skip
-        if linearized and factors:  # against the definition, on full logits
+        if linearized and factors:  # the definition, one JVP per adapter summed: the grouped JVP must agree
             inputs = tiny_tokenizer(data.texts[0] + data.label_words[0], return_tensors="pt")
             outs = {n: linearized_forward(model, dict(inputs), n, differentiable=False) for n in factors}
             expected = next(iter(outs.values())).base_logits + sum(

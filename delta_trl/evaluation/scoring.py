@@ -167,21 +167,7 @@ def merged_logits(
     model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], factors: Mapping[str, float], linearized: bool = False
 ) -> torch.Tensor:
     """Logits of ``θ0 + Σ_t α_t·τ_t`` (or of its linearization) on one batch."""
-    factors = all_factors(model, factors)
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    if not linearized:
-        with scaled_adapters(model, factors):
-            return model(**inputs).logits
-    active = [name for name, alpha in factors.items() if alpha != 0.0]
-    if not active:
-        with scaled_adapters(model, factors):
-            return model(**inputs).logits
-    logits = None
-    for name in active:
-        out = linearized_forward(model, inputs, name)
-        logits = out.logits(factors[name]) if logits is None else logits + factors[name] * out.tangent_logits
-    return logits
+    return merged_logits_many(model, inputs, [factors], linearized)[0]
 
 
 def _generative_batch(
@@ -249,6 +235,7 @@ def _single_token_batch(
     return {"input_ids": ids, "attention_mask": mask}, position
 
 
+@torch.no_grad()
 def merged_logits_many(
     model: torch.nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -267,9 +254,14 @@ def merged_logits_many(
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     # the LM head runs on the scored positions only: (N, H) -> (N, V) instead of a (B, T, V) tensor per point
     rows = contextlib.nullcontext() if positions is None else logits_on_rows(base, positions.to(device))
+
+    def forward(factors: Mapping[str, float]) -> torch.Tensor:
+        with scaled_adapters(model, all_factors(model, factors)):
+            return model(**inputs).logits
+
     if not linearized:
         with rows:
-            return [merged_logits(model, inputs, factors) for factors in factor_sets]
+            return [forward(factors) for factors in factor_sets]
     # Each point as Σ_k c_k·J·(Σ_{t∈S_k} τ_t): a point with one coefficient on all its adapters (α·Σ_t τ_t) needs one
     # JVP along their sum, whatever their number; any other point one JVP per adapter.
     terms = [_tangent_terms(all_factors(model, factors)) for factors in factor_sets]
@@ -281,7 +273,7 @@ def merged_logits_many(
             out = linearized_forward(model, inputs, list(group), differentiable=False)
             primal, tangents[group] = out.base_logits, out.tangent_logits
         if primal is None:  # every factor is 0: the base model
-            primal = merged_logits(model, inputs, {})
+            primal = forward({})
     result = []
     for point in terms:
         logits = primal.clone()
