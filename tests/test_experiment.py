@@ -79,6 +79,9 @@ def _config(tmp_path, model_dir, **overrides) -> dict:
         ({"training": {"learning_rat": 1e-3}}, "`learning_rat` is not a field .*did you mean `learning_rate`"),
         ({"training": {"output_dir": "x"}}, "`output_dir` is set by the experiment runner"),
         ({"training": {"delta_mode": "linear"}}, "`delta_mode` is set by the experiment runner"),
+        ({"training": {"learning_rate": "fast"}}, "training.learning_rate: give a number, got 'fast'"),
+        ({"training": {"max_steps": 2.5}}, "training.max_steps: give a whole number"),
+        ({"training": {"bf16": "no"}}, "training.bf16: give true or false"),
         ({"lora": {"rank": 4}}, "lora: unknown key `rank`"),
         ({"evaluation": {"alphas": []}}, "evaluation.alphas: give a non-empty list"),
         ({"evaluation": {"alphas": [0.5, "x"]}}, "evaluation.alphas: every entry must be a number"),
@@ -104,6 +107,10 @@ def test_overrides_and_per_method_training(tmp_path):
     assert config.training_for("nonlinear") == {"learning_rate": 1e-3, "max_steps": 7}
     assert config.training_for("delta") == {"learning_rate": 5e-4, "max_steps": 7}
     assert config.evaluation.alphas == (0.5, 1.0)
+    # YAML 1.1 (PyYAML's default) reads `3e-4` as text; the file and --set read it as the number users mean.
+    assert load_config(path, ["training.learning_rate=3e-4"]).training["learning_rate"] == 3e-4
+    path.write_text("model: embedded\ntasks: [builtin:sentiment]\ntraining: {learning_rate: 2e-5, max_steps: 3}\n")
+    assert load_config(path).training == {"learning_rate": 2e-5, "max_steps": 3}
     with pytest.raises(UserError, match="write KEY=VALUE"):
         load_config(path, ["training.max_steps"])
     with pytest.raises(UserError, match="no such experiment file"):

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
+import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,24 @@ RUNNER_OWNED = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", 
                 "do_train", "do_eval", "eval_strategy", "save_strategy", "save_total_limit", "report_to",
                 "delta_mode"}  # fmt: skip
 DEFAULT_ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a *string*: a learning rate written that way reached the
+    optimizer as text. This loader reads numbers by YAML 1.2's rule, as every other tool a user knows does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\d[\d_]*\.\d*|\.\d+|\d[\d_]*)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -132,9 +154,42 @@ def training_fields() -> set[str]:
     return {f.name for cls in (DeltaConfig, DeltaSFTConfig, DeltaDPOConfig) for f in dataclasses.fields(cls)}
 
 
+@functools.cache
+def _training_field_types() -> dict[str, Any]:
+    from delta_trl.training.configs import DeltaConfig, DeltaDPOConfig, DeltaSFTConfig
+
+    types_: dict[str, Any] = {}
+    for cls in (DeltaConfig, DeltaSFTConfig, DeltaDPOConfig):
+        types_.update(typing.get_type_hints(cls))
+    return types_
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types among ``float``, ``int``, ``bool`` and ``str`` a field's annotation admits."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    members = args or (annotation,)
+    return {m for m in members if m in (float, int, bool, str)}
+
+
+def _check_value_type(key: str, value: Any, where: str) -> None:
+    """A number field must get a number and a flag a flag: the HF configs do not check, and a learning rate given as
+    text would fail only when the optimizer is built, after the model and data are loaded."""
+    annotation = _training_field_types().get(key)
+    kinds = _scalar_kinds(annotation)
+    if value is None or not kinds or str in kinds or isinstance(value, (list, dict)):
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if bool in kinds and isinstance(value, bool):
+        return
+    if (float in kinds and number) or (int in kinds and isinstance(value, int) and not isinstance(value, bool)):
+        return
+    wanted = "a number" if float in kinds else "a whole number" if int in kinds else "true or false"
+    raise UserError(f"{where}.{key}: give {wanted}, got {value!r}.")
+
+
 def _check_training(section: Mapping[str, Any], where: str) -> None:
     known = training_fields()
-    for key in section:
+    for key, value in section.items():
         if key in RUNNER_OWNED:
             raise UserError(
                 f"{where}: `{key}` is set by the experiment runner for each task vector; remove it "
@@ -145,6 +200,7 @@ def _check_training(section: Mapping[str, Any], where: str) -> None:
                 f"{where}: `{key}` is not a field of DeltaConfig, DeltaSFTConfig or DeltaDPOConfig"
                 f"{_closest(key, sorted(known))}."
             )
+        _check_value_type(key, value, where)
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "<experiment>") -> ExperimentConfig:
@@ -220,7 +276,7 @@ def set_value(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {assignment}: `{part}` is not a section.")
         node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = _read_yaml(text)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -229,7 +285,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     if not path.is_file():
         raise UserError(f"{path}: no such experiment file; see recipes/configs/experiments/ for examples.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())}).") from err
     raw = dict(raw) if isinstance(raw, Mapping) else raw
