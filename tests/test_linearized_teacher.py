@@ -98,6 +98,37 @@ def test_frozen_linear_rule_is_bit_identical_and_leaves_nothing_patched():
     assert torch.equal(lin.tangent_logits, reference.tangent_logits.detach())
 
 
+def _peak_live_bytes(fn) -> int:
+    """Peak of live tracked CPU allocations while ``fn`` runs (the PyTorch profiler's allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_frozen_linear_rule_gives_the_frozen_weight_no_tangent():
+    """A materialised zero tangent for the weight would cost the weight's size per layer (the LM head's, 113 MB on
+    SmolLM2), alive until the dual level closes; one row through a 1024 × 1024 layer must stay far below 4 MiB."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer = torch.nn.Linear(1024, 1024).requires_grad_(False)
+    scale = torch.ones((), requires_grad=True)  # grad mode records the reverse graph, as in the teacher pass
+
+    def dual_forward():
+        with frozen_linear_jvp(layer), fwAD.dual_level():
+            x = fwAD.make_dual(torch.randn(1, 1024), torch.randn(1, 1024)) * scale
+            fwAD.unpack_dual(layer(x)).tangent.sum().backward()
+
+    weight_bytes = layer.weight.numel() * layer.weight.element_size()
+    assert _peak_live_bytes(dual_forward) < weight_bytes / 4
+
+
 def test_row_losses_equal_the_full_tensor_losses():
     torch.manual_seed(0)
     logits = torch.randn(4, 7, 11, dtype=torch.float64)

@@ -304,11 +304,14 @@ class _FrozenLinear(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         ctx.save_for_backward(inputs[1])
         ctx.save_for_forward(inputs[1])
+        # Materialising would give the frozen weight and bias a zero tangent of their own size, kept as their forward
+        # gradient until the dual level closes: the size of the whole model again, at the end of the forward.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
         (weight,) = ctx.saved_tensors
-        return grad_output @ weight, None, None
+        return None if grad_output is None else grad_output @ weight, None, None
 
     @staticmethod
     def jvp(ctx: Any, x_tangent: torch.Tensor | None, *_: Any) -> torch.Tensor | None:
@@ -453,8 +456,10 @@ def linearized_teacher_forward(
 
     - frozen linear layers propagate tangents with one matmul (:func:`frozen_linear_jvp`);
     - the LM head runs on ``rows`` only (primal, tangent and its reverse pass), e.g. the supervised positions;
-    - saved tensors drop their tangents and tangents are cut from the reverse graph at module boundaries, so the
-      memory is one forward's activations, as for an ordinary training forward.
+    - saved tensors drop their tangents and tangents are cut from the reverse graph at module boundaries, and frozen
+      weights get no zero tangent. What stays above an ordinary training forward: PyTorch's ``SavedVariable`` keeps
+      the forward gradient of every saved *input* (whatever the saved-tensor hooks return) until the dual level
+      closes, so the tangents of saved activations live as long as the pass (docs/ARCHITECTURE.md, "Cost").
 
     The model runs in eval mode, without activation checkpointing and with SDPA on its MATH kernel
     (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward, e.g. the DDP wrapper
