@@ -7,8 +7,8 @@
 
 Each seed is one experiment folder (resumable: a rerun reuses every finished task vector and evaluation). The
 summary (``summary.json``, ``summary.md`` in ``--output``) gives, per method, the mean and the spread (min–max) over
-seeds of: the mean individual accuracy, and the merged model's mean absolute and mean normalized accuracy at α = 1
-and at the α chosen on validation. Every number is a test-split accuracy; nothing is tuned on test.
+seeds of: the mean individual accuracy, and the merged model's mean absolute and mean normalized accuracy and the
+share of the gain over zero-shot it keeps (:func:`gain_kept`), at α = 1 and at the α chosen on validation. Every number is a test-split accuracy; nothing is tuned on test.
 """
 
 from __future__ import annotations
@@ -22,13 +22,29 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "experiments" / "real_tasks_embedded.yaml"
+
+
+def gain_kept(run: dict[str, Any], method: str, merged: str) -> float:
+    """Share of the fine-tuning gain over zero-shot that the merge keeps, on the task means:
+    ``(mean merged − mean zero-shot) / (mean individual − mean zero-shot)``. Normalized accuracy divides by the
+    individual accuracy alone, so a merge that falls back to zero-shot still scores ``zero-shot / individual``
+    (0.7 here); this is 0 for it, 1 for a merge as good as each vector alone."""
+    zero = statistics.mean(run["zero_shot"].values())
+    result = run["methods"][method]
+    individual = statistics.mean(result["individual"].values())
+    return (result[merged]["mean_absolute"] - zero) / (individual - zero)
+
+
+# name -> metric of (run, method): each is a test-split figure of one seed
 METRICS = {
-    "individual": lambda r: statistics.mean(r["individual"].values()),
-    "alpha_1_absolute": lambda r: r["merged_alpha_1"]["mean_absolute"],
-    "alpha_1_normalized": lambda r: r["merged_alpha_1"]["mean_normalized"],
-    "best_alpha": lambda r: r["merged_best"]["alpha"],
-    "best_absolute": lambda r: r["merged_best"]["mean_absolute"],
-    "best_normalized": lambda r: r["merged_best"]["mean_normalized"],
+    "individual": lambda run, m: statistics.mean(run["methods"][m]["individual"].values()),
+    "alpha_1_absolute": lambda run, m: run["methods"][m]["merged_alpha_1"]["mean_absolute"],
+    "alpha_1_normalized": lambda run, m: run["methods"][m]["merged_alpha_1"]["mean_normalized"],
+    "alpha_1_gain_kept": lambda run, m: gain_kept(run, m, "merged_alpha_1"),
+    "best_alpha": lambda run, m: run["methods"][m]["merged_best"]["alpha"],
+    "best_absolute": lambda run, m: run["methods"][m]["merged_best"]["mean_absolute"],
+    "best_normalized": lambda run, m: run["methods"][m]["merged_best"]["mean_normalized"],
+    "best_gain_kept": lambda run, m: gain_kept(run, m, "merged_best"),
 }
 
 
@@ -42,11 +58,11 @@ def summarize(folders: list[Path]) -> dict[str, Any]:
     zero = [statistics.mean(r["zero_shot"].values()) for r in runs.values()]
     summary["zero_shot"] = {"mean": statistics.mean(zero), "min": min(zero), "max": max(zero)}
     for method in methods:
-        rows = [r["methods"][method] for r in runs.values() if method in r["methods"]]
+        rows = [r for r in runs.values() if method in r["methods"]]
         summary["methods"][method] = {
             name: {"mean": statistics.mean(values), "min": min(values), "max": max(values), "n": len(values)}
             for name, metric in METRICS.items()
-            for values in [[metric(r) for r in rows]]
+            for values in [[metric(r, method) for r in rows]]
         }
     return summary
 
@@ -90,13 +106,14 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Seeds: {', '.join(summary['seeds'])}; mean (min–max) over seeds. Zero-shot mean accuracy "
         f"{summary['zero_shot']['mean']:.3f}.",
         "",
-        "| method | individual | merged α = 1: abs. | norm. | α* | merged α*: abs. | norm. |",
-        "|---|---|---|---|---|---|---|",
+        "| method | individual | merged α = 1: abs. | norm. | gain kept | α* | merged α*: abs. | norm. | gain kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, s in summary["methods"].items():
         lines.append(
             f"| {method} | {cell(s['individual'])} | {cell(s['alpha_1_absolute'])} | {cell(s['alpha_1_normalized'])} "
-            f"| {cell(s['best_alpha'])} | {cell(s['best_absolute'])} | {cell(s['best_normalized'])} |"
+            f"| {cell(s['alpha_1_gain_kept'])} | {cell(s['best_alpha'])} | {cell(s['best_absolute'])} "
+            f"| {cell(s['best_normalized'])} | {cell(s['best_gain_kept'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -40,6 +40,10 @@ def test_summary_means_and_spreads_over_seeds(tmp_path):
     assert a["individual"] == pytest.approx({"mean": 0.8, "min": 0.7, "max": 0.9, "n": 2})
     assert a["alpha_1_normalized"] == pytest.approx({"mean": 0.8, "min": 0.7, "max": 0.9, "n": 2})
     assert a["best_alpha"]["mean"] == pytest.approx(0.5)
+    # gain kept: seed0 (0.5 - 0.3) / (0.7 - 0.3) = 0.5, seed1 (0.7 - 0.4) / (0.9 - 0.4) = 0.6
+    assert a["alpha_1_gain_kept"] == pytest.approx({"mean": 0.55, "min": 0.5, "max": 0.6, "n": 2})
+    # at α*: (0.6 - 0.3) / 0.4 = 0.75 and (0.8 - 0.4) / 0.5 = 0.8
+    assert a["best_gain_kept"] == pytest.approx({"mean": 0.775, "min": 0.75, "max": 0.8, "n": 2})
     assert "| a | 0.800 (0.700–0.900) |" in evidence.markdown(summary)
     with pytest.raises(SystemExit, match="no finished seed"):
         evidence.summarize([tmp_path / "none"])
