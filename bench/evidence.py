@@ -8,7 +8,9 @@
 Each seed is one experiment folder (resumable: a rerun reuses every finished task vector and evaluation). The
 summary (``summary.json``, ``summary.md`` in ``--output``) gives, per method, the mean and the spread (min–max) over
 seeds of: the mean individual accuracy, and the merged model's mean absolute and mean normalized accuracy and the
-share of the gain over zero-shot it keeps (:func:`gain_kept`), at α = 1 and at the α chosen on validation. Every number is a test-split accuracy; nothing is tuned on test.
+share of the gain over zero-shot it keeps (:func:`gain_kept`), at α = 1 and at the α chosen on validation. Every
+number is a test-split accuracy; nothing is tuned on test. ``validation_curves.png`` plots each method's validation
+curve (the one α* is chosen on), mean and min–max over seeds.
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ def per_task_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def validation_curves(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """Per method, the mean normalized *validation* accuracy of the merge at each α of the grid (the curve α* is
+    chosen on): mean, min and max over finished seeds."""
+    runs = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
+    curves: dict[str, dict[str, list[float]]] = {}
+    for method in runs[0]["methods"]:
+        rows = [r["methods"][method]["validation"] for r in runs if method in r["methods"]]
+        alphas = rows[0]["alphas"]
+        if any(row["alphas"] != alphas for row in rows):
+            raise SystemExit(f"error: the seeds of `{method}` were evaluated on different α grids")
+        columns = list(zip(*(row["mean_normalized"] for row in rows), strict=True))
+        curves[method] = {"alphas": alphas, "mean": [statistics.mean(c) for c in columns],
+                          "min": [min(c) for c in columns], "max": [max(c) for c in columns]}  # fmt: skip
+    return curves
+
+
 def markdown(summary: dict[str, Any]) -> str:
     def cell(stat: dict[str, float]) -> str:
         if stat["n"] == 1:
@@ -135,6 +153,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     text = markdown(summary) + "\n" + per_task_markdown(per_task(folders))
     (output / "summary.md").write_text(text)
     print(text)
+    if args.plot:
+        from delta_trl.evaluation.plots import plot_method_curves
+
+        seeds = ", ".join(summary["seeds"])
+        plot_method_curves(validation_curves(folders), output / "validation_curves.png",
+                           f"Merge of the task vectors, validation ({seeds})")  # fmt: skip
+        print(f"written {output / 'validation_curves.png'}")
     return summary
 
 
@@ -146,6 +171,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the config")
     parser.add_argument("--output", default="runs/evidence", help="folder of the seed folders and the summary")
     parser.add_argument("--summarize-only", action="store_true", help="aggregate finished seeds, train nothing")
+    parser.add_argument(
+        "--no-plot",
+        dest="plot",
+        action="store_false",
+        help="skip validation_curves.png (the merge's validation curve per method; needs matplotlib)",
+    )
     return parser
 
 

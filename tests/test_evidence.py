@@ -62,3 +62,22 @@ def test_per_task_table_averages_seeds(tmp_path):
     assert table["a"]["t"] == pytest.approx({"zero_shot": 0.25, "individual": 0.9, "alpha_1": 0.5, "best": 0.7,
                                              "seeds": 2})  # fmt: skip
     assert "| a | t | 0.250 | 0.900 | 0.500 | 0.700 |" in evidence.per_task_markdown(table)
+
+
+def test_validation_curves_average_seeds_per_alpha(tmp_path):
+    evidence = _module()
+    for seed, curve in enumerate([[0.6, 0.8, 0.5], [0.8, 0.6, 0.7]]):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        method = {"validation": {"alphas": [0.5, 1.0, 1.5], "mean_normalized": curve}}
+        (folder / "results.json").write_text(json.dumps({"methods": {"a": method}}))
+    curves = evidence.validation_curves([tmp_path / "seed0", tmp_path / "seed1"])
+    assert curves["a"]["alphas"] == [0.5, 1.0, 1.5]
+    assert curves["a"]["mean"] == pytest.approx([0.7, 0.7, 0.6])
+    assert curves["a"]["min"] == pytest.approx([0.6, 0.6, 0.5])
+    assert curves["a"]["max"] == pytest.approx([0.8, 0.8, 0.7])
+    (tmp_path / "seed1" / "results.json").write_text(
+        json.dumps({"methods": {"a": {"validation": {"alphas": [0.5, 1.0], "mean_normalized": [0.1, 0.2]}}}})
+    )
+    with pytest.raises(SystemExit, match="different α grids"):
+        evidence.validation_curves([tmp_path / "seed0", tmp_path / "seed1"])

@@ -159,3 +159,22 @@ def plot_coefficient_front(result: Mapping[str, Any], path: str | os.PathLike) -
     ax.set_title(f"θ0 + τ_{first} + λ·τ_{second}: front")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_method_curves(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str) -> Path:
+    """One line per method: mean normalized accuracy against α, with the min–max band over seeds.
+
+    ``curves[method]`` holds ``alphas``, ``mean``, ``min`` and ``max`` (equal lengths), e.g. the validation curves of
+    several seeds of an experiment (``bench/evidence.py``).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, curve in curves.items():
+        (line,) = ax.plot(curve["alphas"], curve["mean"], marker="o", label=method)
+        ax.fill_between(curve["alphas"], curve["min"], curve["max"], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("α (θ0 + α·Σ_t τ_t)")
+    ax.set_ylabel("merged accuracy / individual accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
