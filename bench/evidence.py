@@ -50,21 +50,29 @@ METRICS = {
 }
 
 
-def summarize(folders: list[Path]) -> dict[str, Any]:
-    """Mean, min and max over seeds of each metric per method (seeds whose results.json exists)."""
+def finished_runs(folders: list[Path]) -> dict[str, dict[str, Any]]:
+    """``results.json`` of every seed folder that has one, by folder name (a seed still running is left out)."""
     runs = {f.name: json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()}
     if not runs:
         raise SystemExit("error: no finished seed (results.json) to summarize")
+    return runs
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, min and max of one figure over seeds, and how many seeds gave it."""
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(folders: list[Path]) -> dict[str, Any]:
+    """Mean, min and max over seeds of each metric per method (seeds whose results.json exists)."""
+    runs = finished_runs(folders)
     methods = list(next(iter(runs.values()))["methods"])
-    summary: dict[str, Any] = {"seeds": sorted(runs), "zero_shot": {}, "methods": {}}
-    zero = [statistics.mean(r["zero_shot"].values()) for r in runs.values()]
-    summary["zero_shot"] = {"mean": statistics.mean(zero), "min": min(zero), "max": max(zero)}
+    summary: dict[str, Any] = {"seeds": sorted(runs), "methods": {}}
+    summary["zero_shot"] = spread([statistics.mean(r["zero_shot"].values()) for r in runs.values()])
     for method in methods:
         rows = [r for r in runs.values() if method in r["methods"]]
         summary["methods"][method] = {
-            name: {"mean": statistics.mean(values), "min": min(values), "max": max(values), "n": len(values)}
-            for name, metric in METRICS.items()
-            for values in [[metric(r, method) for r in rows]]
+            name: spread([metric(r, method) for r in rows]) for name, metric in METRICS.items()
         }
     return summary
 
@@ -72,7 +80,7 @@ def summarize(folders: list[Path]) -> dict[str, Any]:
 def per_task(folders: list[Path]) -> dict[str, Any]:
     """Per method and task, the mean over finished seeds of the zero-shot, individual, merged α = 1 and merged α*
     test accuracies."""
-    runs = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
+    runs = list(finished_runs(folders).values())
     table: dict[str, Any] = {}
     for method in runs[0]["methods"]:
         rows = [r for r in runs if method in r["methods"]]
@@ -101,16 +109,15 @@ def per_task_markdown(table: dict[str, Any]) -> str:
 def validation_curves(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
     """Per method, the mean normalized *validation* accuracy of the merge at each α of the grid (the curve α* is
     chosen on): mean, min and max over finished seeds."""
-    runs = [json.loads((f / "results.json").read_text()) for f in folders if (f / "results.json").is_file()]
+    runs = list(finished_runs(folders).values())
     curves: dict[str, dict[str, list[float]]] = {}
     for method in runs[0]["methods"]:
         rows = [r["methods"][method]["validation"] for r in runs if method in r["methods"]]
         alphas = rows[0]["alphas"]
         if any(row["alphas"] != alphas for row in rows):
             raise SystemExit(f"error: the seeds of `{method}` were evaluated on different α grids")
-        columns = list(zip(*(row["mean_normalized"] for row in rows), strict=True))
-        curves[method] = {"alphas": alphas, "mean": [statistics.mean(c) for c in columns],
-                          "min": [min(c) for c in columns], "max": [max(c) for c in columns]}  # fmt: skip
+        per_alpha = [spread(list(c)) for c in zip(*(row["mean_normalized"] for row in rows), strict=True)]
+        curves[method] = {"alphas": alphas, **{stat: [a[stat] for a in per_alpha] for stat in ("mean", "min", "max")}}
     return curves
 
 
