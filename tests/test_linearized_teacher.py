@@ -5,9 +5,11 @@ import pytest
 import torch
 from conftest import make_student_and_teacher
 from torch.testing import assert_close
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from delta_trl.core.adapters import unparked
 from delta_trl.core.linearize import (
+    _SavedTangentRelease,
     frozen_linear_jvp,
     linearized_forward,
     linearized_teacher_forward,
@@ -145,3 +147,44 @@ def test_row_losses_equal_the_full_tensor_losses():
     assert_close(rows_cross_entropy(logits[rows], targets), token_cross_entropy(logits, labels, shift=False))
     chosen, rejected = rows_sequence_logps(logits[rows], targets, rows).chunk(2)
     assert dpo_loss(chosen, rejected, chosen, rejected, beta=0.1).losses.shape == (2,)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_saved_tangents_are_released_at_each_layer_exit_and_the_gradient_is_unchanged(kind, monkeypatch):
+    """Each block's saved tangents are freed when it returns (they would otherwise live until the dual level closes,
+    ~2× a forward's activations); the teacher's gradient is bit-identical to keeping them, and the pass's peak is
+    lower (the tangents' share of the peak grows with depth: SmolLM2-135M's step went from 1.83× to 1.20× LoRA's)."""
+    model = _peft(kind)
+    model.train()
+    inputs = _inputs(kind)
+    rows, targets = row_targets(inputs["labels"], shift=kind == "llama")
+    teacher = [p for n, p in model.named_parameters() if ".teacher." in n]
+
+    def teacher_gradient():
+        with unparked(model, "teacher"):
+            one_pass = linearized_teacher_forward(model, inputs, "teacher", rows, (-1,))
+            loss = linearized_teacher_loss(model, "teacher", one_pass, lambda z: rows_cross_entropy(z, targets), 1.3)
+            return torch.autograd.grad(loss, teacher)
+
+    released = []
+    release = _SavedTangentRelease._exit
+
+    def counting_release(self, module, args, kwargs, output):
+        saved = self.open[-1][1]
+        before = sum(t.untyped_storage().nbytes() for t in saved)
+        release(self, module, args, kwargs, output)
+        released.append(before - sum(t.untyped_storage().nbytes() for t in saved))
+
+    monkeypatch.setattr(_SavedTangentRelease, "_exit", counting_release)
+    peak_released = _peak_live_bytes(teacher_gradient)
+    got = teacher_gradient()
+    blocks = len(released) // 2
+    assert blocks == sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())  # every block, once
+    assert all(r > 0 for r in released)
+
+    monkeypatch.setattr(_SavedTangentRelease, "_exit", lambda self, *args: self.open.pop() and None)
+    peak_kept = _peak_live_bytes(teacher_gradient)
+    expected = teacher_gradient()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    print(f"{kind}: peak {peak_released} B released vs {peak_kept} B kept, {sum(released) // 2} B freed per pass")
+    assert peak_released < peak_kept

@@ -367,6 +367,85 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict, e.g. a layer's args, kwargs or outputs (ModelOutput is a dict)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors_in(item)
+
+
+def _tangent_storages(tensors: Iterator[torch.Tensor]) -> set[int]:
+    storages = set()
+    for tensor in tensors:
+        tangent = fwAD.unpack_dual(tensor).tangent
+        if tangent is not None:
+            storages.add(tangent.untyped_storage().data_ptr())
+    return storages
+
+
+class _SavedTangentRelease:
+    """Free the tangents that the θ0 graph's saved tensors pin, one transformer layer at a time.
+
+    PyTorch's ``SavedVariable`` stores the forward gradient of every saved input beside it (whatever the saved-tensor
+    hooks return) and lets go of it only when the dual level closes, so every tangent a layer computes and saves would
+    live as long as the pass: about twice an ordinary forward's activations (docs/ARCHITECTURE.md, "Cost"). Those
+    saved forward gradients are never read again: the reverse pass runs after the level has closed, and the level's
+    exit only drops them. A layer's own tangents are dead once the layer has returned, except those that leave it
+    (its outputs) or came into it (its args and kwargs, e.g. the residual stream or T5's encoder states), and the
+    tangents the pass was started with (``keep_tangents``). So at each outermost layer's exit the storage of every other
+    tangent saved inside it is released (``resize_(0)``); the tensor objects stay, empty, until the level closes.
+    Layers are transformers' ``GradientCheckpointingLayer`` blocks (every decoder/encoder block); a model without
+    them keeps everything, as before.
+    """
+
+    def __init__(self, model: torch.nn.Module, keep_tangents: Sequence[torch.Tensor]) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        inner = {m for block in blocks for m in block.modules() if m is not block}
+        self.blocks = [m for m in blocks if m not in inner]
+        self.keep = {tangent.untyped_storage().data_ptr() for tangent in keep_tangents}
+        self.open: list[tuple[set[int], list[torch.Tensor]]] = []  # (kept storages, saved tangents) per open block
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.open:
+            tangent = fwAD.unpack_dual(tensor).tangent
+            if tangent is not None:
+                self.open[-1][1].append(tangent)
+        return _strip_tangent(tensor)
+
+    def _enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.open.append((_tangent_storages(_tensors_in((args, kwargs))), []))
+
+    def _exit(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        kept, saved = self.open.pop()
+        kept |= self.keep | _tangent_storages(_tensors_in(output))
+        for tangent in saved:
+            storage = tangent.untyped_storage()
+            if storage.data_ptr() not in kept and storage.nbytes() > 0:
+                storage.resize_(0)
+
+    def __enter__(self) -> _SavedTangentRelease:
+        for block in self.blocks:
+            self.handles.append(block.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._exit, with_kwargs=True))
+        self._saved = torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
+        self._saved.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._saved.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+        self.open.clear()
+
+
 def _cut_tangent_graph(module: torch.nn.Module, args: Any, output: Any) -> Any:
     """Forward hook: the same output with its tangent detached from the reverse graph.
 
@@ -456,10 +535,9 @@ def linearized_teacher_forward(
 
     - frozen linear layers propagate tangents with one matmul (:func:`frozen_linear_jvp`);
     - the LM head runs on ``rows`` only (primal, tangent and its reverse pass), e.g. the supervised positions;
-    - saved tensors drop their tangents and tangents are cut from the reverse graph at module boundaries, and frozen
-      weights get no zero tangent. What stays above an ordinary training forward: PyTorch's ``SavedVariable`` keeps
-      the forward gradient of every saved *input* (whatever the saved-tensor hooks return) until the dual level
-      closes, so the tangents of saved activations live as long as the pass (docs/ARCHITECTURE.md, "Cost").
+    - saved tensors drop their tangents, tangents are cut from the reverse graph at module boundaries, frozen
+      weights get no zero tangent, and the tangents PyTorch pins beside saved inputs are released at each
+      transformer block's exit (:class:`_SavedTangentRelease`; docs/ARCHITECTURE.md, "Cost").
 
     The model runs in eval mode, without activation checkpointing and with SDPA on its MATH kernel
     (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward, e.g. the DDP wrapper
@@ -491,10 +569,9 @@ def linearized_teacher_forward(
             m.register_forward_hook(_cut_tangent_graph) for m in base.modules() if m not in skip and m not in layer_set
         ]
         handles += [layer.register_forward_hook(capture) for layer in layers]
-    saved = (
-        torch.autograd.graph.saved_tensors_hooks(_strip_tangent, _identity) if training else contextlib.nullcontext()
-    )
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    one = torch.ones_like(zero)
+    saved = _SavedTangentRelease(base, keep_tangents=[one]) if training else contextlib.nullcontext()
     try:
         with (
             jvp_safe_mode(model),
@@ -504,7 +581,7 @@ def linearized_teacher_forward(
             fwAD.dual_level(),
             saved,
         ):
-            with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, torch.ones_like(zero))}):
+            with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, one)}):
                 outputs = (forward_model or model)(**kwargs)
             logits = fwAD.unpack_dual(outputs.logits)
             hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
