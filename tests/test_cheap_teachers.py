@@ -281,5 +281,7 @@ def test_fd_teacher_trains_end_to_end(tiny_tokenizer, tmp_path):
     exact = _train(tiny_tokenizer, tmp_path / "a", 2, per_device_train_batch_size=4)
     fd = _train(tiny_tokenizer, tmp_path / "b", 2, teacher_tangent="fd", per_device_train_batch_size=4)
     assert any(w.abs().max() > 0 for k, w in fd.items() if "lora_B.delta_teacher" in k)
-    for key in exact:  # step 0: a zero teacher (exact zero tangent); step 1: the FD error, through Adam
-        assert_close(fd[key], exact[key], rtol=1e-3, atol=1e-5)
+    # step 0: a zero teacher (exact zero tangent); step 1: the FD error (~1e-3 relative) through Adam, which
+    # normalises each gradient element, so a weight moves by up to lr·1e-3·O(1) = 1e-5..1e-4 (CPU-dependent rounding)
+    for key in exact:
+        assert_close(fd[key], exact[key], rtol=1e-3, atol=1e-4)
