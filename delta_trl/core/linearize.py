@@ -50,7 +50,7 @@ class LinearizedOutput:
 
     def logits(self, alpha: float = 1.0) -> torch.Tensor:
         """``f_lin(x; α·τ) = f(x; θ0) + α·J f(x; θ0)·τ``."""
-        return self.base_logits + alpha * self.tangent_logits
+        return torch.add(self.base_logits, self.tangent_logits, alpha=alpha)  # one (N, V) pass, no α·T temporary
 
     def hidden(self, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
         return tuple(h0 + alpha * dh for h0, dh in zip(self.base_hidden, self.tangent_hidden, strict=True))
@@ -256,7 +256,8 @@ def linearized_loss(
         return loss_fn(linearized.logits(alpha).detach())
     logits = linearized.logits(alpha).detach().requires_grad_(True)
     loss = loss_fn(logits)
-    (cotangent,) = torch.autograd.grad(loss, logits)
+    # α·u, with α folded into the loss's backward (a scalar there) rather than applied to the (N, V) cotangent
+    (cotangent,) = torch.autograd.grad(loss, logits, grad_outputs=torch.full_like(loss, alpha))
     layers = lora_layers(model, adapter_name)
     captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] = []
 
@@ -271,7 +272,7 @@ def linearized_loss(
         with jvp_safe_mode(model), scaled_adapters(model, zeros), torch.enable_grad():
             base_logits = (forward_model or model)(**kwargs).logits
             outputs = [output for _, _, output in captured]
-            deltas = torch.autograd.grad(base_logits, outputs, grad_outputs=alpha * cotangent, allow_unused=True)
+            deltas = torch.autograd.grad(base_logits, outputs, grad_outputs=cotangent, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -483,7 +484,7 @@ class TeacherPass:
 
     def logits(self, alpha: float = 1.0) -> torch.Tensor:
         """``f_lin(x; α·τ) = f(x; θ0) + α·J f(x; θ0)·τ`` on the rows, ``(N, V)``."""
-        return self.base_logits + alpha * self.tangent_logits
+        return torch.add(self.base_logits, self.tangent_logits, alpha=alpha)  # one (N, V) pass, no α·T temporary
 
     def hidden(self, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
         return tuple(h0 + alpha * dh for h0, dh in zip(self.base_hidden, self.tangent_hidden, strict=True))
@@ -628,10 +629,11 @@ def linearized_teacher_loss(
         raise ValueError("This TeacherPass has no θ0 graph left: its loss was already taken.")
     logits.requires_grad_(True)
     loss = loss_fn(logits)
-    (cotangent,) = torch.autograd.grad(loss, logits)
+    # α·u, with α folded into the loss's backward (a scalar there) rather than applied to the (N, V) cotangent
+    (cotangent,) = torch.autograd.grad(loss, logits, grad_outputs=torch.full_like(loss, alpha))
     captured, root = teacher._captured, teacher._root
     teacher._captured, teacher._root = [], None  # consumed: the graph is freed as soon as δ_l are taken
-    deltas = torch.autograd.grad(root, [y for _, _, y in captured], grad_outputs=alpha * cotangent, allow_unused=True)
+    deltas = torch.autograd.grad(root, [y for _, _, y in captured], grad_outputs=cotangent, allow_unused=True)
     surrogate = loss.new_zeros(())
     for (layer, x, _), delta in zip(captured, deltas, strict=True):
         if delta is None:  # the layer does not reach the rows' logits (e.g. an unused branch)

@@ -88,9 +88,9 @@ def token_cross_entropy(
     ``N = num_items`` if given (token-exact over the optimizer step) else the number of supervised tokens. Matches
     ``transformers``' ``ForCausalLMLoss`` / T5's loss.
     """
-    if shift:
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
     labels = labels.to(logits.device)
+    if shift:  # shift the labels, not the logits: slicing (B, T, V) would copy it, forward and backward
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     total = F.cross_entropy(
         _upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
