@@ -1,6 +1,7 @@
 """DeltaConfig: docs generated from the fields, CLI/YAML round trip, validation."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from trl import TrlParser
@@ -52,3 +53,12 @@ def test_bad_fields_are_refused(overrides, message, tmp_path):
 def test_fixed_sampling_ignores_the_range(tmp_path):
     args = DeltaConfig(output_dir=str(tmp_path), use_cpu=True, alpha_sampling="fixed", alpha_min=3, alpha_max=1)
     assert args.alpha_sampling == "fixed"
+
+
+def test_curvature_paths_expand_the_home_folder(tmp_path):
+    args = DeltaConfig(output_dir=str(tmp_path), use_cpu=True, curvature_weight=0.01,
+                       curvature_path="~/curv", curvature_dataset="~/ref.jsonl")  # fmt: skip
+    assert args.curvature_path == str(Path.home() / "curv")
+    assert args.curvature_dataset == str(Path.home() / "ref.jsonl")
+    hub = DeltaConfig(output_dir=str(tmp_path), use_cpu=True, curvature_weight=0.01, curvature_path="org/curvature")
+    assert hub.curvature_path == "org/curvature"

@@ -116,13 +116,16 @@ class DeltaArguments:
     curvature_path: str | None = field(
         default=None,
         metadata={
-            "help": "Curvature cache: a folder or a Hub repo id (`delta-trl curvature` writes one). If it does not "
-            "exist and `curvature_dataset` is set, it is estimated before the first step and saved there."
+            "help": "Curvature cache: a folder (`~` expanded) or a Hub repo id (`delta-trl curvature` writes one). If "
+            "it does not exist and `curvature_dataset` is set, it is estimated before the first step and saved there."
         },
     )
     curvature_dataset: str | None = field(
         default=None,
-        metadata={"help": "Reference text set for estimating the curvature: a json/jsonl/csv/txt file or a Hub id."},
+        metadata={
+            "help": "Reference text set for estimating the curvature: a json/jsonl/csv/txt file (`~` expanded) or a "
+            "Hub id."
+        },
     )
     curvature_text_column: str | None = field(
         default=None, metadata={"help": "Text column of `curvature_dataset` (default: `text`)."}
@@ -137,7 +140,11 @@ class DeltaArguments:
     )
 
     def validate_delta_fields(self) -> None:
-        """Raise ``ValueError`` on a bad combination, before any work starts."""
+        """Raise ``ValueError`` on a bad combination, before any work starts (and expand ``~`` in local paths)."""
+        for name in ("curvature_path", "curvature_dataset"):  # local paths in YAML files; Hub ids never start so
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, str(Path(value).expanduser()))
         if self.delta_mode not in DELTA_MODES:
             raise ValueError(f"delta_mode={self.delta_mode!r} is not one of {DELTA_MODES}.")
         if self.alpha_sampling not in ALPHA_SAMPLINGS:
