@@ -207,3 +207,31 @@ def test_list_and_import_side_effect_free(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in bt.TASKS)
     assert isinstance(bt.make_parser().parse_args([]).n_train, int)
+
+
+def _load_reference_builder():
+    spec = importlib.util.spec_from_file_location("build_reference", ROOT / "bench" / "data" / "build_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reference_text_is_the_first_long_paragraphs_in_file_name_order(tmp_path):
+    source = tmp_path / "licenses"
+    source.mkdir()
+    (source / "B").write_text("b one two three four\n\nshort\n\nb  five\nsix seven   eight\n")
+    (source / "A").write_text("a one two three\nfour\n\n\n   \nx y\n")
+    (source / "link").symlink_to(source / "A")  # Debian's GPL -> GPL-3: read once, under its own name
+    br = _load_reference_builder()
+    assert br.licence_paragraphs(source, num=3, min_words=4) == [
+        "a one two three four",
+        "b one two three four",
+        "b five six seven eight",
+    ]
+    with pytest.raises(SystemExit, match="only 3 paragraphs"):
+        br.licence_paragraphs(source, num=4, min_words=4)
+    out = tmp_path / "ref" / "licenses.jsonl"
+    assert br.main(["--source", str(source), "--output", str(out), "--num", "2", "--min-words", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"text": "a one two three four"}, {"text": "b one two three four"}]
+    assert [p.name for p in out.parent.iterdir()] == ["licenses.jsonl"]  # the temporary file was renamed
