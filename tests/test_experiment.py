@@ -86,7 +86,7 @@ def _config(tmp_path, model_dir, **overrides) -> dict:
         ({"evaluation": {"alphas": []}}, "evaluation.alphas: give a non-empty list"),
         ({"evaluation": {"alphas": [0.5, "x"]}}, "evaluation.alphas: every entry must be a number"),
         ({"evaluation": {"validation_size": 0}}, "validation_size: give a positive whole number"),
-        ({"method_training": {"linear": {"learning_rate": 1e-3}}}, "`linear` is not in `methods`"),
+        ({"method_training": {"detla": {"learning_rate": 1e-3}}}, "unknown method `detla` \\(did you mean `delta`"),
         ({"push_method": "linear"}, "push_method `linear` is not one of the methods"),
         ({"tasks": []}, "`tasks` is required"),
     ],
@@ -107,6 +107,10 @@ def test_overrides_and_per_method_training(tmp_path):
     assert config.training_for("nonlinear") == {"learning_rate": 1e-3, "max_steps": 7}
     assert config.training_for("delta") == {"learning_rate": 5e-4, "max_steps": 7}
     assert config.evaluation.alphas == (0.5, 1.0)
+    # running a subset of the methods keeps the file's sections of the others (the shipped study runs `--methods`)
+    only = load_config(path, ["methods=[nonlinear]"])
+    assert only.methods == ("nonlinear",)
+    assert only.method_training["delta"] == {"learning_rate": 5e-4}
     # YAML 1.1 (PyYAML's default) reads `3e-4` as text; the file and --set read it as the number users mean.
     assert load_config(path, ["training.learning_rate=3e-4"]).training["learning_rate"] == 3e-4
     path.write_text("model: embedded\ntasks: [builtin:sentiment]\ntraining: {learning_rate: 2e-5, max_steps: 3}\n")

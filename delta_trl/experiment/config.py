@@ -230,8 +230,10 @@ def parse_config(raw: Mapping[str, Any], source: str = "<experiment>") -> Experi
     _check_training(training, f"{source}: training")
     method_training = _as_mapping(raw.get("method_training"), f"{source}: method_training")
     for method, section in method_training.items():
-        if method not in methods:
-            raise UserError(f"{source}: method_training.{method}: `{method}` is not in `methods` {list(methods)}.")
+        # a method not run this time keeps its section (a `--set methods=...` subset); a misspelt one is refused
+        if method not in DELTA_MODES:
+            raise UserError(f"{source}: method_training.{method}: unknown method `{method}`"
+                            f"{_closest(str(method), DELTA_MODES)}; methods: {', '.join(DELTA_MODES)}.")  # fmt: skip
         method_training[method] = _as_mapping(section, f"{source}: method_training.{method}")
         _check_training(method_training[method], f"{source}: method_training.{method}")
     evaluation = parse_evaluation(_as_mapping(raw.get("evaluation"), f"{source}: evaluation"), f"{source}: evaluation")
