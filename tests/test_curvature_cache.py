@@ -309,9 +309,11 @@ def test_two_processes_equal_one_process(tmp_path):
     assert single.metadata["world_size"] == 1
     assert ddp.metadata["base_model"] == single.metadata["base_model"]
     assert ddp.metadata["reference"] == single.metadata["reference"]
+    # fp32 sums reduced in another order across ranks: rounding of ~1e-5 relative on entries that partly cancel
+    # (1.3e-5 measured on one CPU); a wrong shard or a missing sample would be off by percents
     for name, layer in single.layers.items():
-        assert_close(ddp.layers[name].A, layer.A, rtol=1e-5, atol=1e-7)
-        assert_close(ddp.layers[name].G, layer.G, rtol=1e-5, atol=1e-7)
+        assert_close(ddp.layers[name].A, layer.A, rtol=1e-4, atol=1e-7)
+        assert_close(ddp.layers[name].G, layer.G, rtol=1e-4, atol=1e-7)
         assert_close(
             ddp.layers[name].tensors["D"], layer.tensors["D"], rtol=1e-3, atol=1e-3 * layer.tensors["D"].max()
         )
