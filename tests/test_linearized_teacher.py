@@ -1,6 +1,8 @@
 """The one-pass linearized teacher (``linearized_teacher_forward`` + ``linearized_teacher_loss``) against backprop
 through the JVP, in fp64, on a tiny Llama and a tiny T5 built from random configs."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import make_student_and_teacher
@@ -188,3 +190,63 @@ def test_saved_tangents_are_released_at_each_layer_exit_and_the_gradient_is_unch
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     print(f"{kind}: peak {peak_released} B released vs {peak_kept} B kept, {sum(released) // 2} B freed per pass")
     assert peak_released < peak_kept
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"is_causal": True, "enable_gqa": True},
+        {"mask": "padding", "enable_gqa": True},  # two rows of the second sequence attend to nothing
+        {"mask": "float", "enable_gqa": True, "scale": 0.3},
+        {"mask": "padding"},
+    ],
+    ids=["causal-gqa", "bool-mask-gqa", "float-mask-scale", "bool-mask"],
+)
+def test_fused_attention_rule_equals_the_math_kernel_in_primal_tangent_and_gradient(options):
+    """``_FusedAttention`` (fused primal, explicit tangent, recomputed fused backward) against PyTorch's own MATH
+    kernel under forward AD, fp64: the same output, tangent (``attention_tangent``) and input gradients."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from delta_trl.core.linearize import _FusedAttention, _FusedAttentionMode
+
+    torch.manual_seed(0)
+    heads, kv_heads = 4, (2 if options.get("enable_gqa") else 4)
+    q = torch.randn(2, heads, 5, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    kwargs = {key: value for key, value in options.items() if key != "mask"}
+    if options.get("mask") == "padding":
+        mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+        mask[1, :, :, :2] = False
+        kwargs["attn_mask"] = mask
+    elif options.get("mask") == "float":
+        kwargs["attn_mask"] = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    calls = []
+
+    def run(fused: bool):
+        spy = contextlib.nullcontext()
+        if fused:
+            spy = _FusedAttentionMode()
+            original = _FusedAttention.apply
+            _FusedAttention.apply = lambda *a: calls.append(1) or original(*a)
+        try:
+            with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), spy:
+                duals = [fwAD.make_dual(t, d) for t, d in zip((q, k, v), tangents, strict=True)]
+                out = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, **kwargs))
+                return out.primal, out.tangent.detach()
+        finally:
+            if fused:
+                _FusedAttention.apply = original
+
+    expected, expected_tangent = run(fused=False)
+    got, got_tangent = run(fused=True)
+    assert calls == [1]
+    assert not got_tangent.isnan().any()
+    assert_close(got_tangent, expected_tangent, rtol=1e-12, atol=1e-13)
+    assert_close(got.detach(), expected.detach(), rtol=1e-12, atol=1e-13)
+    cotangent = torch.randn_like(expected)
+    got_grads = torch.autograd.grad(got, (q, k, v), cotangent)
+    for a, b in zip(got_grads, torch.autograd.grad(expected, (q, k, v), cotangent), strict=True):
+        assert_close(a, b, rtol=1e-12, atol=1e-13)

@@ -343,6 +343,135 @@ def frozen_linear_jvp(model: torch.nn.Module) -> Iterator[None]:
             del module.forward
 
 
+# SDPA's kernels in the order PyTorch prefers them; MATH last, for what the fused ones refuse (e.g. some masks/dtypes).
+_FUSED_FIRST = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def attention_tangent(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    tangents: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    attn_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """The tangent of ``O = P·V``, ``P = softmax(S)``, ``S = s·Q·Kᵀ + M`` (SDPA's semantics) for tangents ``(Q̇, K̇, V̇)``
+    (``None`` = zero)::
+
+        Ṡ = s·(Q̇·Kᵀ + Q·K̇ᵀ)      Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))      Ȯ = Ṗ·V + P·V̇
+
+    ``M``: a bool mask (``True`` = attend) or an additive float one, ``is_causal`` the upper-left causal mask,
+    ``enable_gqa`` shares each key/value head among ``H_q/H_kv`` query heads; a fully masked row has ``P = 0`` (as
+    SDPA's MATH kernel). ``s`` defaults to ``1/sqrt(E)``. Computes ``P`` ``(…, L, S)`` transiently, without a graph.
+    """
+    tq, tk, tv = tangents
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+        tk = tk.repeat_interleave(groups, -3) if tk is not None else None
+        tv = tv.repeat_interleave(groups, -3) if tv is not None else None
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        length, source = scores.shape[-2:]
+        causal = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all -inf row: NaN -> 0
+    del scores
+    d_scores = None
+    if tq is not None:
+        d_scores = (tq @ key.transpose(-2, -1)) * scale
+    if tk is not None:
+        term = (query @ tk.transpose(-2, -1)) * scale
+        d_scores = term if d_scores is None else d_scores + term
+    out = None
+    if d_scores is not None:
+        d_scores = d_scores.nan_to_num(0.0) * probs
+        d_probs = d_scores - probs * d_scores.sum(dim=-1, keepdim=True)
+        out = d_probs @ value
+    if tv is not None:
+        out = probs @ tv if out is None else out + probs @ tv
+    return out if out is not None else torch.zeros_like(query[..., : value.shape[-1]])
+
+
+class _FusedAttention(torch.autograd.Function):
+    """SDPA whose primal runs the fastest kernel and whose reverse pass saves only ``Q``, ``K``, ``V``.
+
+    Forward-mode AD needs SDPA's MATH kernel, whose reverse graph saves the ``(L, S)`` attention matrices of every
+    layer (the bulk of the teacher pass's memory at 256 tokens and more). Here the primal is computed by a fused
+    kernel, the tangent by :func:`attention_tangent` (no graph), and the backward recomputes the fused forward and
+    differentiates it: the θ0 reverse pass of the teacher runs the fused kernels' backward, the graph keeps ``Q``,
+    ``K``, ``V`` (and the mask) per layer. Dropout is not supported (the teacher runs in eval mode).
+    """
+
+    @staticmethod
+    def forward(query, key, value, attn_mask, scale, is_causal, enable_gqa):  # noqa: ANN001, ANN205
+        with sdpa_kernel(_FUSED_FIRST, set_priority=True):
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa
+            )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        query, key, value, attn_mask, scale, is_causal, enable_gqa = inputs
+        ctx.save_for_backward(query, key, value, attn_mask)
+        ctx.save_for_forward(query, key, value, attn_mask)
+        ctx.options = {"scale": scale, "is_causal": is_causal, "enable_gqa": enable_gqa}
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        if grad_out is None:
+            return (None,) * 7
+        query, key, value, attn_mask = ctx.saved_tensors
+        needed = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip((query, key, value), needed, strict=True)]
+            with sdpa_kernel(_FUSED_FIRST, set_priority=True):
+                out = F.scaled_dot_product_attention(*inputs, attn_mask=attn_mask, **ctx.options)
+            grads = iter(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out))
+        return (*(next(grads) if need else None for need in needed), None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, *_):  # noqa: ANN001, ANN205
+        query, key, value, attn_mask = ctx.saved_tensors
+        with torch.no_grad():
+            return attention_tangent(query, key, value, (tq, tk, tv), attn_mask, **ctx.options)
+
+
+class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` calls without dropout or a mask tangent to :class:`_FusedAttention`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        mask = call.get("attn_mask")
+        if call.get("dropout_p", 0.0) != 0.0 or (mask is not None and fwAD.unpack_dual(mask).tangent is not None):
+            return func(*args, **kwargs)
+        return _FusedAttention.apply(
+            call["query"],
+            call["key"],
+            call["value"],
+            mask,
+            call.get("scale"),
+            bool(call.get("is_causal", False)),
+            bool(call.get("enable_gqa", False)),
+        )
+
+
 def lora_factor_gradients(
     x: torch.Tensor, delta: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,10 +667,12 @@ def linearized_teacher_forward(
     - the LM head runs on ``rows`` only (primal, tangent and its reverse pass), e.g. the supervised positions;
     - saved tensors drop their tangents, tangents are cut from the reverse graph at module boundaries, frozen
       weights get no zero tangent, and the tangents PyTorch pins beside saved inputs are released at each
-      transformer block's exit (:class:`_SavedTangentRelease`; docs/ARCHITECTURE.md, "Cost").
+      transformer block's exit (:class:`_SavedTangentRelease`; docs/ARCHITECTURE.md, "Cost");
+    - SDPA calls (with grad mode on) run :class:`_FusedAttention`: fused kernels for the primal and its reverse pass,
+      the tangent computed without a graph, so the graph holds no ``(L, S)`` attention matrix.
 
-    The model runs in eval mode, without activation checkpointing and with SDPA on its MATH kernel
-    (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward, e.g. the DDP wrapper
+    The model runs in eval mode, without activation checkpointing, and SDPA calls outside :class:`_FusedAttention`
+    on its MATH kernel (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward, e.g. the DDP wrapper
     when no other forward of the step goes through it (``model`` by default). Call with grad mode on for training;
     under ``torch.no_grad()`` no graph is kept and :func:`linearized_teacher_loss` returns the value only.
     """
@@ -573,6 +704,7 @@ def linearized_teacher_forward(
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     one = torch.ones_like(zero)
     saved = _SavedTangentRelease(base, keep_tangents=[one]) if training else contextlib.nullcontext()
+    attention = _FusedAttentionMode() if training else contextlib.nullcontext()
     try:
         with (
             jvp_safe_mode(model),
@@ -581,6 +713,7 @@ def linearized_teacher_forward(
             logits_on_rows(base, rows),
             fwAD.dual_level(),
             saved,
+            attention,
         ):
             with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, one)}):
                 outputs = (forward_model or model)(**kwargs)
@@ -711,8 +844,9 @@ def finite_difference_teacher_forward(
       the θ0 pass with graph (the primal is the DPO reference and the point the gradient is taken at), i.e. three
       forwards, which costs about what the one-pass JVP costs; one-sided needs two.
 
-    Both forwards run in eval mode with activation checkpointing off and SDPA on its MATH kernel
-    (:func:`jvp_safe_mode`): they must be the same function of θ, and ``y_l`` must be nodes of the graph.
+    Both forwards run in eval mode with activation checkpointing off and SDPA on its fused kernels, as the exact
+    pass's primal (:class:`_FusedAttention`): they must be the same function of θ, and ``y_l`` must be nodes of the
+    graph.
 
     Args:
         eps: the step ``ε`` (a multiplier of the adapter's scaling); ``None`` picks
@@ -742,7 +876,12 @@ def finite_difference_teacher_forward(
 
     handles = []
     try:
-        with jvp_safe_mode(model), scaled_adapters(model, others), logits_on_rows(base, rows):
+        with (
+            jvp_safe_mode(model),
+            sdpa_kernel(_FUSED_FIRST, set_priority=True),  # no forward-mode AD here: the exact pass's primal kernels
+            scaled_adapters(model, others),
+            logits_on_rows(base, rows),
+        ):
             with torch.no_grad(), scaled_adapters(model, {adapter_name: eps}):
                 perturbed_logits, perturbed_hidden = outputs_of(model(**kwargs))
             if training:
