@@ -125,7 +125,7 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
         def sequence_logps(row_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return rows_sequence_logps(row_logits, targets, rows).chunk(2)
 
-        teacher = teacher_loss = None
+        teacher = teacher_loss = teacher_states = None
         metrics: dict[str, Any] = {}
         if with_teacher:  # first, so that its θ0 graph is freed before the student's graph exists
             adapter = self._student_name if linear else self._teacher_name
@@ -142,8 +142,12 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
                     )
                 ref_chosen, ref_rejected = self._reference_logps(model, unwrapped, inputs, model_kwargs, teacher)
 
+                teacher_logps: tuple[torch.Tensor, ...] = ()
+
                 def teacher_dpo(row_logits: torch.Tensor) -> torch.Tensor:
+                    nonlocal teacher_logps
                     chosen, rejected = sequence_logps(row_logits)
+                    teacher_logps = (chosen.detach(), rejected.detach())  # for the metrics: no second (N, V) pass
                     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta).losses.mean()
 
                 if wrapped:
@@ -158,9 +162,9 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
                     )
                 else:
                     teacher_loss = linearized_teacher_loss(unwrapped, adapter, teacher, teacher_dpo, alpha)
-            teacher_logps = sequence_logps(teacher.logits(alpha))
             teacher_dpo_output = dpo_loss(*teacher_logps, ref_chosen, ref_rejected, beta=args.beta)  # for the metrics
-            if not linear:
+            if not linear:  # the student needs the hidden states only: the (N, V) logits go before its pass
+                teacher_states, teacher = teacher.hidden(alpha), None
                 metrics |= {
                     "delta/teacher_loss": teacher_loss,
                     **_reward_metrics(teacher_dpo_output, "delta/teacher_"),
@@ -177,24 +181,24 @@ class DeltaDPOTrainer(DeltaTrainerMixin, DPOTrainer):
             # without `return_outputs` nobody reads the student's logits off the completion rows: the LM head skips them
             on_rows = contextlib.nullcontext() if return_outputs else logits_on_rows(base, rows)
             with self._student_at(unwrapped, alpha), on_rows:
-                outputs = model(**model_kwargs, output_hidden_states=teacher is not None)
+                outputs = model(**model_kwargs, output_hidden_states=teacher_states is not None)
             row_logits = outputs.logits[rows] if return_outputs else outputs.logits
             logits = outputs.logits if return_outputs else None
             policy_logps = sequence_logps(row_logits)
             policy = dpo_loss(*policy_logps, ref_chosen, ref_rejected, beta=args.beta)
             metrics["delta/task_loss"] = policy.losses.mean()
             distill = None
-            if teacher is not None:
+            if teacher_states is not None:
                 mask = supervised_mask(labels, shift=True)
                 distill = sum(
                     hidden_distillation_loss(
                         outputs.hidden_states[layer], teacher_hidden, mask, normalization=args.distill_normalization
                     )
-                    for layer, teacher_hidden in zip(args.distill_layers, teacher.hidden(alpha), strict=True)
+                    for layer, teacher_hidden in zip(args.distill_layers, teacher_states, strict=True)
                 )
                 metrics |= {"delta/distill_loss": distill, "delta/alpha": alpha}
             # every term is a micro-batch mean (loss_is_scaled_for_ga = False): the Trainer divides by accumulation
-            penalty = self._curvature_penalty(unwrapped, with_teacher=teacher is not None) if training else None
+            penalty = self._curvature_penalty(unwrapped, with_teacher=teacher_states is not None) if training else None
             if penalty is not None:
                 metrics["delta/curvature_penalty"] = penalty
             loss = delta_objective(
