@@ -131,7 +131,7 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(normalization, tiny_tokenizer, 
     _randomize(model)
     batch = _batch(delta)
     alpha = delta._current_alpha()
-    loss, _ = _loss_and_metrics(delta, batch)
+    loss, metrics = _loss_and_metrics(delta, batch)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     model.eval()
@@ -147,12 +147,19 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(normalization, tiny_tokenizer, 
     if normalization == "relative":  # ‖h_S − h_T‖² / ‖h_T‖²
         distill = distill / teacher_hidden.pow(2).sum(-1)
     distill = distill[mask].mean()
+    teacher_dpo = dpo_loss(*completion_logps(teacher.logits(alpha), labels).chunk(2), *ref, beta=0.2)
     expected = (
         dpo_loss(*completion_logps(student.logits, labels).chunk(2), *ref, beta=0.2).losses.mean()
         + 0.3 * distill
-        + 0.7 * dpo_loss(*completion_logps(teacher.logits(alpha), labels).chunk(2), *ref, beta=0.2).losses.mean()
+        + 0.7 * teacher_dpo.losses.mean()
     )
     assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # the teacher's reward metrics (log-probs kept from its loss, not recomputed)
+    margins = teacher_dpo.chosen_rewards - teacher_dpo.rejected_rewards
+    assert metrics["delta/teacher_rewards/margins"] == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-6)
+    assert metrics["delta/teacher_rewards/chosen"] == pytest.approx(
+        teacher_dpo.chosen_rewards.mean().item(), rel=1e-4, abs=1e-6
+    )
 
 
 def test_teacher_logps_match_finite_differences_of_the_model(tiny_tokenizer, tmp_path):
