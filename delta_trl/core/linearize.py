@@ -396,7 +396,7 @@ def attention_tangent(
         d_scores = term if d_scores is None else d_scores + term
     out = None
     if d_scores is not None:
-        d_scores = d_scores.nan_to_num(0.0) * probs
+        d_scores = d_scores * probs
         d_probs = d_scores - probs * d_scores.sum(dim=-1, keepdim=True)
         out = d_probs @ value
     if tv is not None:
@@ -415,14 +415,22 @@ class _FusedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(query, key, value, attn_mask, scale, is_causal, enable_gqa):  # noqa: ANN001, ANN205
+    def forward(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        scale: float | None,
+        is_causal: bool,
+        enable_gqa: bool,
+    ) -> torch.Tensor:
         with sdpa_kernel(_FUSED_FIRST, set_priority=True):
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa
             )
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         query, key, value, attn_mask, scale, is_causal, enable_gqa = inputs
         ctx.save_for_backward(query, key, value, attn_mask)
         ctx.save_for_forward(query, key, value, attn_mask)
@@ -430,7 +438,7 @@ class _FusedAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if grad_out is None:
             return (None,) * 7
         query, key, value, attn_mask = ctx.saved_tensors
@@ -443,23 +451,27 @@ class _FusedAttention(torch.autograd.Function):
         return (*(next(grads) if need else None for need in needed), None, None, None, None)
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, *_):  # noqa: ANN001, ANN205
+    def jvp(
+        ctx: Any, tq: torch.Tensor | None, tk: torch.Tensor | None, tv: torch.Tensor | None, *_: Any
+    ) -> torch.Tensor:
         query, key, value, attn_mask = ctx.saved_tensors
         with torch.no_grad():
             return attention_tangent(query, key, value, (tq, tk, tv), attn_mask, **ctx.options)
 
 
 class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls without dropout or a mask tangent to :class:`_FusedAttention`."""
+    """Routes ``F.scaled_dot_product_attention`` calls to :class:`_FusedAttention`, except with dropout or a mask that
+    has a tangent or needs a gradient (the rule gives the mask neither)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         call = {**dict(zip(names, args, strict=False)), **kwargs}
         mask = call.get("attn_mask")
-        if call.get("dropout_p", 0.0) != 0.0 or (mask is not None and fwAD.unpack_dual(mask).tangent is not None):
+        mask_differentiable = mask is not None and (mask.requires_grad or fwAD.unpack_dual(mask).tangent is not None)
+        if call.get("dropout_p", 0.0) != 0.0 or mask_differentiable:
             return func(*args, **kwargs)
         return _FusedAttention.apply(
             call["query"],
