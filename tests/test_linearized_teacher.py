@@ -250,3 +250,22 @@ def test_fused_attention_rule_equals_the_math_kernel_in_primal_tangent_and_gradi
     got_grads = torch.autograd.grad(got, (q, k, v), cotangent)
     for a, b in zip(got_grads, torch.autograd.grad(expected, (q, k, v), cotangent), strict=True):
         assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_fused_attention_mode_leaves_a_trainable_mask_to_pytorch(monkeypatch):
+    """The rule gives the mask no gradient, so a mask that needs one keeps PyTorch's own SDPA (and gets it)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    from delta_trl.core.linearize import _FusedAttention, _FusedAttentionMode
+
+    monkeypatch.setattr(_FusedAttention, "apply", lambda *a: pytest.fail("routed to the fused rule"))
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    bias = torch.zeros(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    with fwAD.dual_level(), _FusedAttentionMode():
+        out = F.scaled_dot_product_attention(fwAD.make_dual(q, torch.randn_like(q)), k, v, attn_mask=bias)
+    (grad,) = torch.autograd.grad((fwAD.unpack_dual(out).primal * weights).sum(), bias)
+    (expected,) = torch.autograd.grad((F.scaled_dot_product_attention(q, k, v, attn_mask=bias) * weights).sum(), bias)
+    assert expected.abs().max() > 1e-3
+    assert_close(grad, expected)
