@@ -6,7 +6,7 @@ task vector. Offline, the prose at hand is the licence texts Debian installs in 
 words, files in name order, whitespace collapsed, one ``{"text": ...}`` JSON line per paragraph. Deterministic for
 a given ``base-files`` version; the licence texts allow verbatim copies.
 
-    python bench/data/build_reference.py            # -> ${DELTA_TRL_CACHE:-~/.cache/delta_trl}/reference/licenses.jsonl
+    python bench/data/build_reference.py    # -> ${DELTA_TRL_CACHE:-~/.cache/delta_trl}/reference/licenses.jsonl
 
 Then train with ``--set training.curvature_dataset=<that file>`` (docs/RESULTS.md, "The curvature term").
 """

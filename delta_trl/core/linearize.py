@@ -510,7 +510,7 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) tuple, list or dict, e.g. a layer's args, kwargs or outputs (ModelOutput is a dict)."""
+    """Every tensor in a (nested) tuple, list or dict: a layer's args, kwargs or outputs (ModelOutput is a dict)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
@@ -539,8 +539,9 @@ class _SavedTangentRelease:
     saved forward gradients are never read again: the reverse pass runs after the level has closed, and the level's
     exit only drops them. A layer's own tangents are dead once the layer has returned, except those that leave it
     (its outputs) or came into it (its args and kwargs, e.g. the residual stream or T5's encoder states), and the
-    tangents the pass was started with (``keep_tangents``). So at each outermost layer's exit the storage of every other
-    tangent saved inside it is released (``resize_(0)``); the tensor objects stay, empty, until the level closes.
+    tangents the pass was started with (``keep_tangents``). So at each outermost layer's exit the storage of every
+    other tangent saved inside it is released (``resize_(0)``); the tensor objects stay, empty, until the level
+    closes.
     Layers are transformers' ``GradientCheckpointingLayer`` blocks (every decoder/encoder block); a model without
     them keeps everything, as before.
     """
@@ -684,9 +685,10 @@ def linearized_teacher_forward(
       the tangent computed without a graph, so the graph holds no ``(L, S)`` attention matrix.
 
     The model runs in eval mode, without activation checkpointing, and SDPA calls outside :class:`_FusedAttention`
-    on its MATH kernel (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward, e.g. the DDP wrapper
-    when no other forward of the step goes through it (``model`` by default). Call with grad mode on for training;
-    under ``torch.no_grad()`` no graph is kept and :func:`linearized_teacher_loss` returns the value only.
+    on its MATH kernel (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward,
+    e.g. the DDP wrapper when no other forward of the step goes through it (``model`` by default). Call with grad
+    mode on for training; under ``torch.no_grad()`` no graph is kept and :func:`linearized_teacher_loss` returns the
+    value only.
     """
     check_linear_lora(model, adapter_name)
     check_jvp_support(model)
