@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python bench/step_cost.py --objective dpo --models embedded --batch_size 2 --seq_len 256
     python bench/step_cost.py --models tiny embedded --steps 20 --trainers lora delta
     OMP_NUM_THREADS=1 python bench/step_cost.py --models embedded --trainers lora delta delta-fd delta-k4
+    OMP_NUM_THREADS=1 python bench/step_cost.py --models embedded --gradient_checkpointing --trainers lora delta
 
 `delta-fd` is `delta` with the finite-difference teacher tangent, `delta-k4` with the teacher on one step in 4 (the
 global step advances after every timed step, so a `delta-k4` median over rounds mixes teacher and student-only steps
@@ -68,7 +69,8 @@ def _build(args: argparse.Namespace, model_name: str, trainer_name: str):
     vocab = model.config.vocab_size
     ids = torch.randint(10, vocab, (args.batch_size, args.seq_len), device=device)
     common = {"output_dir": "/tmp/delta_trl_bench", "report_to": "none", "use_cpu": device == "cpu",
-              "bf16": args.bf16, "learning_rate": 1e-4, "max_steps": args.steps + args.warmup}  # fmt: skip
+              "bf16": args.bf16, "learning_rate": 1e-4, "max_steps": args.steps + args.warmup,
+              "gradient_checkpointing": args.gradient_checkpointing}  # fmt: skip
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     completion = torch.zeros_like(ids)
     completion[:, args.seq_len // 2 :] = 1  # prompt / completion split
@@ -93,7 +95,7 @@ def _build(args: argparse.Namespace, model_name: str, trainer_name: str):
         )
         num_items = None
         tokenizer = tokenizer or _tiny_tokenizer()
-        dpo = {"gradient_checkpointing": False, "max_length": args.seq_len, **common}
+        dpo = {"max_length": args.seq_len, **common}
         data = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
         if trainer_name == "lora":
             trainer = DPOTrainer(model=model, args=DPOConfig(**dpo), train_dataset=data, processing_class=tokenizer,
@@ -102,6 +104,8 @@ def _build(args: argparse.Namespace, model_name: str, trainer_name: str):
             config = DeltaDPOConfig(delta_mode=trainer_name.split("-")[0], **CHEAPER.get(trainer_name, {}), **dpo)
             trainer = DeltaDPOTrainer(model=model, args=config,
                                       train_dataset=data, processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    if args.gradient_checkpointing:  # what `Trainer.train()` does, which the benchmark bypasses
+        trainer.model.activation_checkpointing_enable()
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     trainer.current_gradient_accumulation_steps = 1  # set by `train()`, which the benchmark bypasses
     trainer.model.to(device)
@@ -212,7 +216,8 @@ def main(args: argparse.Namespace) -> dict:
               f"{wr['median']:>6.2f} [{wr['min']:.2f}, {wr['max']:.2f}] {r['peak_memory_bytes'] / 2**20:>9.1f} "
               f"{r['memory_ratio']:>10.2f} {to_delta:>20}")  # fmt: skip
     report = {"settings": vars(args), "results": rows}
-    output = Path(args.output or f"bench/results/step_cost_{args.objective}.json")
+    suffix = "_checkpointing" if args.gradient_checkpointing else ""
+    output = Path(args.output or f"bench/results/step_cost_{args.objective}{suffix}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"\nwritten {output}")
@@ -229,7 +234,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=4, help="rows (SFT) or preference pairs (DPO)")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only: ~10x slower on CPUs)")
-    parser.add_argument("--output", default=None, help="default: bench/results/step_cost_<objective>.json")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="activation checkpointing on, for every variant alike"
+    )
+    parser.add_argument(
+        "--output", default=None, help="default: bench/results/step_cost_<objective>[_checkpointing].json"
+    )
     return parser
 
 

@@ -6,12 +6,14 @@ import contextlib
 import pytest
 import torch
 from conftest import make_student_and_teacher
+from peft.tuners.lora import LoraLayer
 from torch.testing import assert_close
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from delta_trl.core.adapters import unparked
+from delta_trl.core.adapters import scaled_adapters, unparked
 from delta_trl.core.linearize import (
     _SavedTangentRelease,
+    finite_difference_teacher_forward,
     frozen_linear_jvp,
     linearized_forward,
     linearized_teacher_forward,
@@ -269,3 +271,77 @@ def test_fused_attention_mode_leaves_a_trainable_mask_to_pytorch(monkeypatch):
     (expected,) = torch.autograd.grad((F.scaled_dot_product_attention(q, k, v, attn_mask=bias) * weights).sum(), bias)
     assert expected.abs().max() > 1e-3
     assert_close(grad, expected)
+
+
+def _switch_dropout_on(model, p: float = 0.2) -> None:
+    """Dropout everywhere it can act in train mode: T5's modules, Llama's functional attention dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+
+
+@pytest.mark.parametrize("tangent", ["jvp", "fd"])
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent):
+    """Under activation checkpointing the teacher's θ0 graph keeps only each checkpointed block's inputs and
+    recomputes the block in the backward. By then the model is back in train mode (dropout on) with the student at a
+    training scale, so the recomputation must re-enter the pass's own state (eval, every adapter at 0): the gradient
+    equals the unchecked pass's, and the pass's peak memory is lower. transformers' reentrant variant is asked for
+    (the teacher's blocks are checkpointed non-reentrant whatever it is), and ``every_n_layers`` is honoured."""
+    model = _peft(kind)
+    _switch_dropout_on(model)
+    model.train()
+    torch.manual_seed(3)
+    ids = torch.randint(2, 300, (4, 48))
+    labels = torch.randint(2, 300, (4, 48)) if kind == "t5" else ids.clone()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rows, targets = row_targets(labels, shift=kind == "llama")
+    teacher = [p for n, p in model.named_parameters() if ".teacher." in n]
+    forward = linearized_teacher_forward if tangent == "jvp" else finite_difference_teacher_forward
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    recomputed = []
+    backward = False
+    for block in blocks:  # a LoRA layer inside: checkpoints recompute `forward`, so the block's own hooks stay out
+        first = next(m for m in block.modules() if isinstance(m, LoraLayer))
+        first.register_forward_hook(lambda *_, block=block: recomputed.append(block) if backward else None)
+
+    def teacher_gradient():
+        nonlocal backward
+        recomputed.clear()
+        with unparked(model, "teacher"):
+            one_pass = forward(model, inputs, "teacher", rows, (-1,))
+            with scaled_adapters(model, {"default": 1.7}):  # as if the student's scale had moved in between
+                backward = True  # the θ0 backward runs inside the loss (it takes δ_l)
+                loss = linearized_teacher_loss(
+                    model, "teacher", one_pass, lambda z: rows_cross_entropy(z, targets), 1.3
+                )
+                grads = torch.autograd.grad(loss, teacher)
+                backward = False
+        return loss.detach(), one_pass.tangent_hidden[0], grads
+
+    peak_plain = _peak_live_bytes(teacher_gradient)
+    loss, tangent_hidden, expected = teacher_gradient()
+    assert not recomputed
+    assert max(g.abs().max() for g in expected) > 1e-3
+    base = model.get_base_model()
+    for options in ({"activation_checkpointing_kwargs": {"use_reentrant": True}}, {"every_n_layers": 2}):
+        base.activation_checkpointing_enable(**options)
+        checkpointed = [m for m in blocks if m.gradient_checkpointing]
+        peak_checkpointed = _peak_live_bytes(teacher_gradient)
+        got_loss, got_tangent_hidden, got = teacher_gradient()
+
+        assert model.training
+        assert all(m.gradient_checkpointing for m in checkpointed)  # restored
+        assert not [m for m in blocks if "forward" in vars(m)]  # nothing left patched
+        assert sorted(map(id, recomputed)) == sorted(map(id, checkpointed))  # each checkpointed block, once
+        assert_close(got_loss, loss, rtol=1e-12, atol=0)
+        assert_close(got_tangent_hidden, tangent_hidden, rtol=1e-12, atol=1e-12)
+        error = max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, expected, strict=True))
+        print(f"{kind}/{tangent}/{options}: {len(checkpointed)} of {len(blocks)} blocks checkpointed, max relative "
+              f"grad error {error:.1e}, peak {peak_checkpointed} B vs {peak_plain} B")  # fmt: skip
+        assert error < 1e-12
+        assert peak_checkpointed < peak_plain
+        base.activation_checkpointing_disable()
+    assert 0 < len(checkpointed) < len(blocks)  # every_n_layers=2 left some blocks out

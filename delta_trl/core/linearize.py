@@ -99,6 +99,47 @@ def hidden_states_of(outputs: Any, is_encoder_decoder: bool) -> tuple[torch.Tens
     return states
 
 
+def checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules with activation (gradient) checkpointing switched on (transformers' per-layer flag)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
+    """Activation checkpointing off inside the block, per layer, restored on exit.
+
+    The flag is flipped on each layer rather than through ``activation_checkpointing_disable/enable``, which would
+    re-register the input-embedding hooks on every call.
+    """
+    checkpointed = checkpointed_modules(model)
+    try:
+        for module in checkpointed:
+            module.gradient_checkpointing = False
+        yield
+    finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside the block (no dropout), the previous mode restored on exit."""
+    was_training = model.training
+    try:
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def at_theta0(model: torch.nn.Module) -> Iterator[None]:
+    """The base model θ0 exactly: eval mode and every LoRA adapter scaled to 0 (none toggled); restored on exit."""
+    names = {name for layer in lora_layers(model) for name in layer.scaling}
+    with eval_mode(model), scaled_adapters(model, dict.fromkeys(names, 0.0)):
+        yield
+
+
 @contextlib.contextmanager
 def jvp_safe_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put ``model`` in a state where ``torch.func.jvp`` works, restoring everything on exit.
@@ -110,18 +151,8 @@ def jvp_safe_mode(model: torch.nn.Module) -> Iterator[None]:
     The input embeddings' ``requires_grad_`` hooks (``enable_input_require_grads``, which raise inside functorch
     transforms) are avoided rather than removed: :func:`forward_kwargs` embeds the tokens outside the transform.
     """
-    was_training = model.training
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    try:
-        model.eval()
-        for module in checkpointed:
-            module.gradient_checkpointing = False
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        for module in checkpointed:
-            module.gradient_checkpointing = True
-        model.train(was_training)
+    with eval_mode(model), checkpointing_off(model), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def check_input_embeddings_frozen(model: torch.nn.Module) -> None:
@@ -162,6 +193,10 @@ def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, Any], *, embed: 
                 kwargs["decoder_inputs_embeds"] = decoder_embeddings(kwargs.pop("decoder_input_ids")).detach()
     kwargs["output_hidden_states"] = True
     kwargs["return_dict"] = True
+    if getattr(config, "use_cache", None) is not None:
+        # No pass here generates: a KV cache would only hold memory, and a checkpointed block's recomputation would
+        # append to it a second time.
+        kwargs["use_cache"] = False
     return kwargs
 
 
@@ -530,6 +565,98 @@ def _tangent_storages(tensors: Iterator[torch.Tensor]) -> set[int]:
     return storages
 
 
+def _outermost(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules of the list that no other module of the list contains."""
+    inner = {m for module in modules for m in module.modules() if m is not module}
+    return [m for m in modules if m not in inner]
+
+
+def _outermost_blocks(model: torch.nn.Module, *, checkpointed_only: bool = False) -> list[torch.nn.Module]:
+    """transformers' ``GradientCheckpointingLayer`` blocks (every decoder/encoder block) not nested in another; with
+    ``checkpointed_only`` those the user checkpoints (``every_n_layers`` may skip some). Other modules carry the flag
+    too (``LlamaModel``, ``T5Stack``, ``T5Attention``), but the blocks are what transformers checkpoints."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    candidates = checkpointed_modules(model) if checkpointed_only else model.modules()
+    return _outermost([m for m in candidates if isinstance(m, GradientCheckpointingLayer)])
+
+
+@contextlib.contextmanager
+def _theta0_state(model: torch.nn.Module) -> Iterator[None]:
+    """The state the teacher's θ0 forward runs in, re-entered when a checkpointed block of it is recomputed: θ0
+    (:func:`at_theta0`) with SDPA on its fused kernels first."""
+    with at_theta0(model), sdpa_kernel(_FUSED_FIRST, set_priority=True):
+        yield
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(model: torch.nn.Module, blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Run each of ``blocks`` (of the θ0 forward) under non-reentrant activation checkpointing.
+
+    ``blocks``: the layers the user checkpoints (``_outermost_blocks(model, checkpointed_only=True)``, so
+    ``every_n_layers`` holds), taken before :func:`jvp_safe_mode` switches the flag off; each runs through its own checkpoint function (the user's
+    ``activation_checkpointing_kwargs``, ``offload``), with three arguments fixed here. ``use_reentrant=False``:
+    the reentrant variant runs the block without a graph, so the LoRA outputs ``y_l`` that
+    :func:`linearized_teacher_loss` differentiates at would not be graph nodes. ``context_fn``: the backward
+    recomputes the block in :func:`_theta0_state`, since by then the trainer has put the model back in train mode with
+    the adapters at their training scales. ``preserve_rng_state=False``: in eval mode nothing draws from it.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _theta0_state(model)
+
+    def checkpointed(block: torch.nn.Module) -> Callable[..., Any]:
+        forward = block.forward
+        checkpoint_fn = getattr(block, "_gradient_checkpointing_func", checkpoint)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            fixed = {"use_reentrant": False, "context_fn": contexts, "preserve_rng_state": False}
+            return checkpoint_fn(forward, *args, **fixed, **kwargs)
+
+        return run
+
+    patched = []
+    try:
+        for block in blocks:
+            if "forward" in vars(block):
+                raise RuntimeError(
+                    f"{type(block).__name__}.forward is patched on the instance; the teacher cannot checkpoint it."
+                )
+            block.forward = checkpointed(block)
+            patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def _theta0_graph_forward(
+    model: PeftModel,
+    kwargs: Mapping[str, Any],
+    adapter_name: str,
+    *,
+    checkpointed: Sequence[torch.nn.Module] = (),
+    forward_model: torch.nn.Module | None = None,
+) -> tuple[Any, list[tuple[LoraLayer, torch.Tensor, torch.Tensor]]]:
+    """The θ0 forward whose reverse graph :func:`linearized_teacher_loss` backpropagates through, and the
+    ``(layer, x_l, y_l)`` of every LoRA layer of the adapter. Call inside :func:`jvp_safe_mode`, with no dual level
+    open. The ``checkpointed`` layers keep only their inputs and are recomputed in the backward."""
+    captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] = []
+
+    def capture(layer: LoraLayer, args: tuple, output: torch.Tensor) -> None:
+        captured.append((layer, args[0].detach(), output))
+
+    handles = [layer.register_forward_hook(capture) for layer in lora_layers(model, adapter_name)]
+    try:
+        with _theta0_state(model), _checkpointed_blocks(model, checkpointed):
+            outputs = (forward_model or model)(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, captured
+
+
 class _SavedTangentRelease:
     """Free the tangents that the θ0 graph's saved tensors pin, one transformer layer at a time.
 
@@ -547,11 +674,7 @@ class _SavedTangentRelease:
     """
 
     def __init__(self, model: torch.nn.Module, keep_tangents: Sequence[torch.Tensor]) -> None:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        inner = {m for block in blocks for m in block.modules() if m is not block}
-        self.blocks = [m for m in blocks if m not in inner]
+        self.blocks = _outermost_blocks(model)
         self.keep = {tangent.untyped_storage().data_ptr() for tangent in keep_tangents}
         self.open: list[tuple[set[int], list[torch.Tensor]]] = []  # (kept storages, saved tangents) per open block
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -684,11 +807,17 @@ def linearized_teacher_forward(
     - SDPA calls (with grad mode on) run :class:`_FusedAttention`: fused kernels for the primal and its reverse pass,
       the tangent computed without a graph, so the graph holds no ``(L, S)`` attention matrix.
 
-    The model runs in eval mode, without activation checkpointing, and SDPA calls outside :class:`_FusedAttention`
-    on its MATH kernel (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward,
+    The model runs in eval mode, and SDPA calls outside :class:`_FusedAttention` on its MATH kernel
+    (:func:`jvp_safe_mode`); everything is restored. ``forward_model``: what runs the forward that keeps the graph,
     e.g. the DDP wrapper when no other forward of the step goes through it (``model`` by default). Call with grad
     mode on for training; under ``torch.no_grad()`` no graph is kept and :func:`linearized_teacher_loss` returns the
     value only.
+
+    With activation checkpointing on (``model.gradient_checkpointing_enable()``, a trainer's
+    ``gradient_checkpointing=True``) the θ0 graph is not kept whole: the dual pass runs without a graph, and a second
+    θ0 forward under non-reentrant checkpointing keeps each block's inputs only and recomputes the block in the
+    backward (:func:`_checkpointed_blocks`). That is one more θ0 forward than checkpointing's usual recomputation,
+    for the teacher's activation memory cut to one block's; the gradient is the same.
     """
     check_linear_lora(model, adapter_name)
     check_jvp_support(model)
@@ -698,6 +827,10 @@ def linearized_teacher_forward(
     kwargs["output_hidden_states"] = bool(hidden_layers)
     others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
     training = torch.is_grad_enabled()
+    # Under activation checkpointing the dual pass keeps no graph, and a checkpointed θ0 forward records the one the
+    # teacher's gradient needs: forward AD cannot run inside a checkpoint's recomputation (pytorch/functorch#993).
+    checkpointed = _outermost_blocks(base, checkpointed_only=True) if training else []
+    graph_in_pass = training and not checkpointed
     layers = lora_layers(model, adapter_name)
     layer_set = set(layers)
     captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] = []
@@ -709,7 +842,7 @@ def linearized_teacher_forward(
         return output  # δ_l is taken at this tensor
 
     handles = []
-    if training:
+    if graph_in_pass:
         skip = {base, getattr(base, "model", None)}
         handles += [
             m.register_forward_hook(_cut_tangent_graph) for m in base.modules() if m not in skip and m not in layer_set
@@ -717,28 +850,37 @@ def linearized_teacher_forward(
         handles += [layer.register_forward_hook(capture) for layer in layers]
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     one = torch.ones_like(zero)
-    saved = _SavedTangentRelease(base, keep_tangents=[one]) if training else contextlib.nullcontext()
-    attention = _FusedAttentionMode() if training else contextlib.nullcontext()
+    saved = _SavedTangentRelease(base, keep_tangents=[one]) if graph_in_pass else contextlib.nullcontext()
+    attention = _FusedAttentionMode() if graph_in_pass else contextlib.nullcontext()
     try:
-        with (
-            jvp_safe_mode(model),
-            frozen_linear_jvp(model),
-            scaled_adapters(model, others),
-            logits_on_rows(base, rows),
-            fwAD.dual_level(),
-            saved,
-            attention,
-        ):
-            with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, one)}):
-                outputs = (forward_model or model)(**kwargs)
-            logits = fwAD.unpack_dual(outputs.logits)
-            hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
-            hidden = [fwAD.unpack_dual(hidden[i]) for i in hidden_layers]
-            tangent_logits = logits.tangent.detach()
-            base_hidden = tuple(h.primal.detach() for h in hidden)
-            tangent_hidden = tuple(h.tangent.detach() for h in hidden)
-            root = logits.primal
-            del outputs, hidden, logits
+        with jvp_safe_mode(model), logits_on_rows(base, rows):
+            with (
+                frozen_linear_jvp(model),
+                scaled_adapters(model, others),
+                fwAD.dual_level(),
+                saved,
+                attention,
+                torch.set_grad_enabled(graph_in_pass),
+            ):
+                with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, one)}):
+                    outputs = (model if checkpointed else forward_model or model)(**kwargs)
+                logits = fwAD.unpack_dual(outputs.logits)
+                hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
+                hidden = [fwAD.unpack_dual(hidden[i]) for i in hidden_layers]
+                tangent_logits = logits.tangent.detach()
+                base_hidden = tuple(h.primal.detach() for h in hidden)
+                tangent_hidden = tuple(h.tangent.detach() for h in hidden)
+                root = logits.primal
+                del outputs, hidden, logits
+            if checkpointed:
+                outputs, captured = _theta0_graph_forward(
+                    model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
+                )
+                root = outputs.logits
+                if hidden_layers:  # the point the gradient is taken at (the kernels may differ in the last bits)
+                    hidden = hidden_states_of(outputs, is_encoder_decoder)
+                    base_hidden = tuple(hidden[i].detach() for i in hidden_layers)
+                del outputs
     finally:
         for handle in handles:
             handle.remove()
@@ -858,9 +1000,9 @@ def finite_difference_teacher_forward(
       the θ0 pass with graph (the primal is the DPO reference and the point the gradient is taken at), i.e. three
       forwards, which costs about what the one-pass JVP costs; one-sided needs two.
 
-    Both forwards run in eval mode with activation checkpointing off and SDPA on its fused kernels, as the exact
-    pass's primal (:class:`_FusedAttention`): they must be the same function of θ, and ``y_l`` must be nodes of the
-    graph.
+    Both forwards run in eval mode and SDPA on its fused kernels, as the exact pass's primal
+    (:class:`_FusedAttention`): they must be the same function of θ. Under activation checkpointing the θ0 forward is
+    checkpointed block by block, non-reentrant so that ``y_l`` stay nodes of the graph (:func:`_checkpointed_blocks`).
 
     Args:
         eps: the step ``ε`` (a multiplier of the adapter's scaling); ``None`` picks
@@ -879,32 +1021,24 @@ def finite_difference_teacher_forward(
         )
     others = {name: 0.0 for layer in lora_layers(model) for name in layer.scaling if name != adapter_name}
     training = torch.is_grad_enabled()
-    captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] = []
-
-    def capture(layer: LoraLayer, args: tuple, output: torch.Tensor) -> None:
-        captured.append((layer, args[0].detach(), output))
+    checkpointed = _outermost_blocks(base, checkpointed_only=True) if training else []
 
     def outputs_of(outputs: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
         return outputs.logits, tuple(hidden[i] for i in hidden_layers)
 
-    handles = []
-    try:
-        with (
-            jvp_safe_mode(model),
-            sdpa_kernel(_FUSED_FIRST, set_priority=True),  # no forward-mode AD here: the exact pass's primal kernels
-            scaled_adapters(model, others),
-            logits_on_rows(base, rows),
-        ):
-            with torch.no_grad(), scaled_adapters(model, {adapter_name: eps}):
-                perturbed_logits, perturbed_hidden = outputs_of(model(**kwargs))
-            if training:
-                handles = [layer.register_forward_hook(capture) for layer in layers]
-            with scaled_adapters(model, {adapter_name: 0.0}):
-                root, hidden = outputs_of((forward_model or model)(**kwargs))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        jvp_safe_mode(model),
+        sdpa_kernel(_FUSED_FIRST, set_priority=True),  # no forward-mode AD here: the exact pass's primal kernels
+        logits_on_rows(base, rows),
+    ):
+        with torch.no_grad(), scaled_adapters(model, {**others, adapter_name: eps}):
+            perturbed_logits, perturbed_hidden = outputs_of(model(**kwargs))
+        outputs, captured = _theta0_graph_forward(
+            model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
+        )
+        root, hidden = outputs_of(outputs)
+        del outputs
     base_logits = root.detach()
     base_hidden = tuple(h.detach() for h in hidden)
     return TeacherPass(

@@ -27,12 +27,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from delta_trl.core.adapters import scaled_adapters
 from delta_trl.core.fingerprint import FINGERPRINT_KEY, base_model_fingerprint
-from delta_trl.core.linearize import hidden_states_of
+from delta_trl.core.linearize import at_theta0, checkpointing_off, hidden_states_of
 from delta_trl.curvature.factors import (
     ESTIMATORS,
     CurvatureFactors,
@@ -131,21 +129,10 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def _estimation_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout), activation checkpointing off (its recomputation would fire the hooks twice), every
-    LoRA adapter scaled to 0 (θ0 exactly, without toggling adapters); all restored on exit."""
-    was_training = model.training
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    adapters = {name: 0.0 for m in model.modules() if isinstance(m, LoraLayer) for name in m.scaling}
-    try:
-        model.eval()
-        for module in checkpointed:
-            module.gradient_checkpointing = False
-        with scaled_adapters(model, adapters), torch.enable_grad():
-            yield
-    finally:
-        for module in checkpointed:
-            module.gradient_checkpointing = True
-        model.train(was_training)
+    """θ0 exactly (eval mode, every LoRA adapter scaled to 0), activation checkpointing off (its recomputation would
+    fire the hooks twice), grad on; all restored on exit."""
+    with at_theta0(model), checkpointing_off(model), torch.enable_grad():
+        yield
 
 
 class _Recorder:
