@@ -17,6 +17,7 @@ from delta_trl.evaluation.scoring import (
 from delta_trl.evaluation.task_scores import (
     TaskEvalSet,
     greedy_answers,
+    greedy_token_ids,
     implicit_reward_accuracy,
     score_task,
     sequence_logps,
@@ -49,6 +50,25 @@ def test_greedy_answers_equal_generate(tiny_tokenizer, seq2seq):
         if seq2seq:
             expected = expected[1:] if out[0, 0] == model.config.decoder_start_token_id else expected
         assert answer == tiny_tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_tokenizer, seq2seq, linearized):
+    """Right-padded batches of prompts of different lengths (rows leaving at EOS or the token limit) decode exactly
+    what one prompt at a time decodes, on the model and on its linearization, for a two-adapter merge."""
+    model = _peft(make_t5(), ["q", "v"]) if seq2seq else _peft(make_llama(initializer_range=0.2), ["q_proj", "v_proj"])
+    torch.manual_seed(2)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"] if seq2seq else ["q_proj", "v_proj"],
+                                          init_lora_weights=False))  # fmt: skip
+    prompts = ["What is 2 + 3?", "Hi", "The capital of France is", "a b c d e f g h i j", "Why?", "One more, please"]
+    factors = {"default": 0.8, "other": 0.8}
+    one_by_one = greedy_token_ids(model, tiny_tokenizer, prompts, factors, linearized=linearized, max_new_tokens=6,
+                                  batch_size=1)  # fmt: skip
+    batched = greedy_token_ids(model, tiny_tokenizer, prompts, factors, linearized=linearized, max_new_tokens=6,
+                               batch_size=4)  # fmt: skip
+    assert batched == one_by_one
+    assert {len(ids) for ids in one_by_one} != {0}
 
 
 def test_sequence_logps_and_preference_score_against_explicit_sums(tiny_tokenizer):

@@ -26,7 +26,13 @@ from peft import PeftModel
 
 from delta_trl.core.losses import IGNORE_INDEX, completion_logps
 from delta_trl.evaluation.metrics import exact_match
-from delta_trl.evaluation.scoring import ClassificationSet, accuracy, class_scores_many, merged_logits
+from delta_trl.evaluation.scoring import (
+    ClassificationSet,
+    accuracy,
+    class_scores_many,
+    merged_logits,
+    merged_logits_many,
+)
 
 
 TASK_KINDS = ("closed", "open", "preference")
@@ -92,29 +98,56 @@ def greedy_token_ids(
     linearized: bool = False,
     max_new_tokens: int = 16,
     add_special_tokens: bool = True,
+    batch_size: int = 16,
 ) -> list[list[int]]:
     """Greedy decoding at ``θ0 + Σ α_t τ_t`` (causal or encoder-decoder): the new token ids of each prompt, up to
-    EOS (excluded). One prompt at a time and without a KV cache, so that the linearized model decodes through the
-    same :func:`merged_logits` as the ordinary one (a JVP per adapter and step)."""
+    EOS (excluded).
+
+    ``batch_size`` prompts at a time, right-padded, without a KV cache, so that the linearized model decodes through
+    the same :func:`~delta_trl.evaluation.scoring.merged_logits_many` as the ordinary one (one JVP per step along
+    ``Σ_t τ_t`` when the α_t are equal). Right padding leaves every real position's logits as they are unpadded (the
+    padding comes after it, under a causal mask), so each row's next token is read at its own last position, where
+    the LM head alone runs; rows leave the batch at EOS or ``max_new_tokens``.
+    """
     seq2seq = _is_encoder_decoder(model)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     eos = tokenizer.eos_token_id
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]])
-        generated = torch.tensor([[base.config.decoder_start_token_id]]) if seq2seq else ids
-        new: list[int] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt_ids = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] for prompt in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+
+    def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        return ids, mask
+
+    for start in range(0, len(prompts), batch_size):
+        active = list(range(start, min(start + batch_size, len(prompts))))
         for _ in range(max_new_tokens):
-            if seq2seq:
-                inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": generated}
-            else:
-                inputs = {"input_ids": generated, "attention_mask": torch.ones_like(generated)}
-            token = int(merged_logits(model, inputs, factors, linearized)[0, -1].argmax())
-            if token == eos:
+            if not active:
                 break
-            new.append(token)
-            generated = torch.cat([generated, torch.tensor([[token]])], dim=1)
-        out.append(new)
+            if seq2seq:
+                input_ids, attention_mask = right_padded([prompt_ids[i] for i in active])
+                decoded = [[base.config.decoder_start_token_id, *out[i]] for i in active]
+                decoder_input_ids, last = right_padded(decoded)
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                          "decoder_input_ids": decoder_input_ids}  # fmt: skip
+            else:
+                decoded = [prompt_ids[i] + out[i] for i in active]
+                input_ids, last = right_padded(decoded)
+                inputs = {"input_ids": input_ids, "attention_mask": last}
+            last = torch.zeros_like(last, dtype=torch.bool)
+            last[torch.arange(len(decoded)), torch.tensor([len(row) - 1 for row in decoded])] = True
+            (logits,) = merged_logits_many(model, inputs, [factors], linearized, positions=last)
+            still = []
+            for i, token in zip(active, logits.argmax(-1).tolist(), strict=True):
+                if token == eos:
+                    continue
+                out[i].append(token)
+                if len(out[i]) < max_new_tokens:
+                    still.append(i)
+            active = still
     return out
 
 
@@ -127,10 +160,11 @@ def greedy_answers(
     linearized: bool = False,
     max_new_tokens: int = 16,
     add_special_tokens: bool = True,
+    batch_size: int = 16,
 ) -> list[str]:
     """The decoded text of :func:`greedy_token_ids`."""
     ids = greedy_token_ids(model, tokenizer, prompts, factors, linearized=linearized, max_new_tokens=max_new_tokens,
-                           add_special_tokens=add_special_tokens)  # fmt: skip
+                           add_special_tokens=add_special_tokens, batch_size=batch_size)  # fmt: skip
     return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
 
 
@@ -190,7 +224,8 @@ def score_task(
         return score_task_many(model, tokenizer, data, [factors], linearized=linearized, batch_size=batch_size)[0]
     if data.kind == "open":
         answers = greedy_answers(model, tokenizer, data.prompts, factors, linearized=linearized,
-                                 max_new_tokens=max_new_tokens, add_special_tokens=data.add_special_tokens)  # fmt: skip
+                                 max_new_tokens=max_new_tokens, add_special_tokens=data.add_special_tokens,
+                                 batch_size=batch_size)  # fmt: skip
         return {"score": exact_match(answers, data.answers)}
     if _is_encoder_decoder(model):
         raise ValueError("Preference tasks are scored on causal language models only.")
