@@ -189,6 +189,13 @@ def test_delta_loss_is_the_sum_of_the_pure_terms_and_delta_trainers(tmp_path):
         + 0.4 * token_cross_entropy(teacher.logits(alpha), labels, shift=True, num_items=n)
     )
     assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # TRL's token metrics, from the student's supervised rows (its LM head ran on those only)
+    targets = labels[:, 1:]
+    supervised = student.logits[:, :-1][targets != -100].log_softmax(-1)
+    accuracy = (supervised.argmax(-1) == targets[targets != -100]).float().mean()
+    entropy = -(supervised.exp() * supervised).sum(-1).mean()
+    assert trainer._metrics["train"]["mean_token_accuracy"][0] == pytest.approx(float(accuracy))
+    assert trainer._metrics["train"]["entropy"][0] == pytest.approx(float(entropy), rel=1e-5)
 
     # ... and DeltaTrainer's causal-LM loss on the same tokenized batch, with the same adapters
     reference = DeltaTrainer(

@@ -95,7 +95,14 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(kind, normalization, tiny_token
     alpha = trainer._current_alpha()
     assert 1.3 <= alpha <= 1.7
     model.train()
+    head_outputs = []
+    head = model.get_output_embeddings().register_forward_hook(lambda *args: head_outputs.append(args[2].shape))
     loss = trainer.compute_loss(model, batch, num_items_in_batch=n)
+    head.remove()
+    vocab = model.get_output_embeddings().out_features
+    assert head_outputs == [(n, vocab), (n, vocab)]  # teacher and student: the LM head on supervised rows only
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    grads = torch.autograd.grad(loss, lora)
 
     # the same quantities, computed independently
     model.eval()  # dropout is off in these configs; eval only makes the check independent of RNG state
@@ -115,6 +122,8 @@ def test_delta_loss_is_the_sum_of_the_pure_terms(kind, normalization, tiny_token
         + 0.4 * token_cross_entropy(teacher.logits(alpha), batch["labels"], shift=shift, num_items=n)
     )
     assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, lora), strict=True):
+        assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))  # fp32: the two sum in other orders
     assert trainer._metrics["train"]["delta/distill_loss"][0] > 0
 
 

@@ -100,11 +100,13 @@ class DeltaSFTTrainer(DeltaTrainerMixin, SFTTrainer):
 
     @torch.no_grad()
     def _record_sft_metrics(self, training: bool, logits: torch.Tensor, inputs: dict[str, Any]) -> None:
-        """TRL's ``entropy``, ``mean_token_accuracy`` (on supervised tokens) and ``num_tokens``, as ``SFTTrainer``."""
+        """TRL's ``entropy``, ``mean_token_accuracy`` (on supervised tokens) and ``num_tokens``, as ``SFTTrainer``.
+
+        ``logits``: ``(B, T, V)``, or ``(N, V)`` on the supervised rows only (training), in ``row_targets`` order."""
         mode = "train" if training else "eval"
         labels = inputs["labels"][:, 1:]
         mask = labels != -100
-        supervised = logits[:, :-1][mask].float()  # (tokens, vocab): supervised positions only
+        supervised = (logits if logits.dim() == 2 else logits[:, :-1][mask]).float()  # (tokens, vocab)
         log_probs = supervised.log_softmax(-1)
         entropy_sum = -(log_probs.exp() * log_probs).sum()
         num_correct = (supervised.argmax(-1) == labels[mask]).sum()

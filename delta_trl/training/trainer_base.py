@@ -47,6 +47,7 @@ from delta_trl.core.linearize import (
     linearized_loss,
     linearized_teacher_forward,
     linearized_teacher_loss,
+    logits_on_rows,
 )
 from delta_trl.core.losses import (
     delta_objective,
@@ -336,7 +337,8 @@ class DeltaTrainerMixin:
         ``delta`` / ``kd_only``: ``L_S(α) + γ·L_KD(α) + β_T·L_T(α)`` (+ ``λ·R``); ``linear``: ``L_T`` of the adapter
         alone; ``curvature_only``: ``L_S + λ·R(τ_S)``. The supervised positions are ``labels != -100``. ``inputs``
         must hold model kwargs only (besides ``labels``): they go to the student's forward and to the JVP.
-        ``outputs`` has the logits (the student's, or the linearized model's in ``linear`` mode).
+        ``outputs`` has the logits: the student's, in training on the supervised rows only (``(N, V)``, row-major
+        order of ``row_targets``), or the linearized model's in ``linear`` mode.
         """
         args = self.args
         if "labels" not in inputs:
@@ -382,7 +384,7 @@ class DeltaTrainerMixin:
                 # reduces gradients only for a step whose forward went through it
                 teacher = linearized_teacher_forward(unwrapped, inputs, self._student_name, rows, forward_model=model)
                 loss = linearized_teacher_loss(unwrapped, self._student_name, teacher, rows_task_loss, alpha)
-                logits = teacher.full_logits(alpha)
+                logits = teacher.logits(alpha)  # (N, V) on the supervised rows, as the student's in training
             self._record_metrics(training, {"delta/teacher_loss": as_mean(loss)})
             return loss, ModelOutput(loss=loss, logits=logits)
 
@@ -400,9 +402,16 @@ class DeltaTrainerMixin:
         student_kwargs = {**forward_kwargs(unwrapped.get_base_model(), inputs), "output_hidden_states": distilling}
         # without a teacher this step, α is only where L_S is taken: straight at 1 when task_loss_at_alpha=False
         student_alpha = alpha if distilling or args.task_loss_at_alpha else 1.0
-        with self._student_at(unwrapped, student_alpha):
-            outputs = model(**student_kwargs)
-        task_loss = task_loss_of(outputs.logits)
+
+        def student_forward(at: float, kwargs: dict[str, Any]) -> Any:
+            # in training the LM head runs on the supervised rows only, (N, V) logits: no loss reads the others
+            rows_only = logits_on_rows(unwrapped.get_base_model(), rows) if training else contextlib.nullcontext()
+            with self._student_at(unwrapped, at), rows_only:
+                return model(**kwargs)
+
+        student_loss_of = rows_task_loss if training else task_loss_of
+        outputs = student_forward(student_alpha, student_kwargs)
+        task_loss = student_loss_of(outputs.logits)
         if not training:
             self._record_metrics(training, {"delta/task_loss": as_mean(task_loss)})
             return task_loss, outputs
@@ -426,8 +435,9 @@ class DeltaTrainerMixin:
                 "delta/distill_loss": as_mean(distill_loss),
             }
             if not args.task_loss_at_alpha and alpha != 1.0:
-                with self._student_at(unwrapped, 1.0):
-                    task_loss = task_loss_of(model(**{**student_kwargs, "output_hidden_states": False}).logits)
+                task_loss = student_loss_of(
+                    student_forward(1.0, {**student_kwargs, "output_hidden_states": False}).logits
+                )
         elif self._teacher_name:
             metrics["delta/alpha"] = student_alpha
         penalty = self._curvature_penalty(unwrapped, with_teacher=distilling)
