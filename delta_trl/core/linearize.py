@@ -594,12 +594,12 @@ def _checkpointed_blocks(model: torch.nn.Module, blocks: Sequence[torch.nn.Modul
     """Run each of ``blocks`` (of the θ0 forward) under non-reentrant activation checkpointing.
 
     ``blocks``: the layers the user checkpoints (``_outermost_blocks(model, checkpointed_only=True)``, so
-    ``every_n_layers`` holds), taken before :func:`jvp_safe_mode` switches the flag off; each runs through its own checkpoint function (the user's
-    ``activation_checkpointing_kwargs``, ``offload``), with three arguments fixed here. ``use_reentrant=False``:
-    the reentrant variant runs the block without a graph, so the LoRA outputs ``y_l`` that
-    :func:`linearized_teacher_loss` differentiates at would not be graph nodes. ``context_fn``: the backward
-    recomputes the block in :func:`_theta0_state`, since by then the trainer has put the model back in train mode with
-    the adapters at their training scales. ``preserve_rng_state=False``: in eval mode nothing draws from it.
+    ``every_n_layers`` holds), taken before :func:`jvp_safe_mode` switches the flag off. Each runs through its own
+    checkpoint function (the user's ``activation_checkpointing_kwargs``, ``offload``), with three arguments fixed
+    here. ``use_reentrant=False``: the reentrant variant runs the block without a graph, so the LoRA outputs ``y_l``
+    that :func:`linearized_teacher_loss` differentiates at would not be graph nodes. ``context_fn``: the backward
+    recomputes the block in :func:`_theta0_state`, since by then the trainer has put the model back in train mode
+    with the adapters at their training scales. ``preserve_rng_state=False``: in eval mode nothing draws from it.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -813,7 +813,7 @@ def linearized_teacher_forward(
     mode on for training; under ``torch.no_grad()`` no graph is kept and :func:`linearized_teacher_loss` returns the
     value only.
 
-    With activation checkpointing on (``model.gradient_checkpointing_enable()``, a trainer's
+    With activation checkpointing on (``model.activation_checkpointing_enable()``, a trainer's
     ``gradient_checkpointing=True``) the θ0 graph is not kept whole: the dual pass runs without a graph, and a second
     θ0 forward under non-reentrant checkpointing keeps each block's inputs only and recomputes the block in the
     backward (:func:`_checkpointed_blocks`). That is one more θ0 forward than checkpointing's usual recomputation,
