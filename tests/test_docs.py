@@ -116,6 +116,14 @@ NOT_RUN: dict[tuple[str, str], str] = {
         "on real-format fixtures in tests/test_build_tasks.py, the aggregation in tests/test_evidence.py, the runner in "
         "tests/test_experiment.py"
     ),
+    (
+        "docs/RESULTS.md",
+        "python bench/evidence.py --seeds 0 1 --methods nonlinear delta linear --output runs/open2 \\",
+    ): (
+        "needs the open-answer tasks built from Debian's WordNet and FreeDict packages and takes about 50 minutes per "
+        "seed; `--set` overrides with YAML values are parsed in tests/test_experiment.py, batched greedy decoding is "
+        "checked against one-at-a-time decoding in tests/test_task_scores.py"
+    ),
     ("README.md", "accelerate launch -m delta_trl.experiment recipes/configs/experiments/nli_t5.yaml"): (
         "needs the Hub (google-t5/t5-base, the six NLI datasets, a Llama checkpoint, HelpSteer2) and a GPU; the same "
         "runner runs on tiny T5 and Llama models and preset-shaped local data in tests/test_experiment.py"
