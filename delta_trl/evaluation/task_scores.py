@@ -28,6 +28,7 @@ from delta_trl.core.losses import IGNORE_INDEX, completion_logps
 from delta_trl.evaluation.metrics import exact_match
 from delta_trl.evaluation.scoring import (
     ClassificationSet,
+    _pad,
     accuracy,
     class_scores_many,
     merged_logits,
@@ -117,10 +118,9 @@ def greedy_token_ids(
     out: list[list[int]] = [[] for _ in prompts]
 
     def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(row) for row in rows)
-        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        return ids, mask
+        ids = _pad(rows, pad)
+        lengths = torch.tensor([len(row) for row in rows])
+        return ids, (torch.arange(ids.shape[1]) < lengths[:, None]).long()  # from lengths: pad may be a real token
 
     for start in range(0, len(prompts), batch_size):
         active = list(range(start, min(start + batch_size, len(prompts))))
@@ -130,14 +130,15 @@ def greedy_token_ids(
             if seq2seq:
                 input_ids, attention_mask = right_padded([prompt_ids[i] for i in active])
                 decoded = [[base.config.decoder_start_token_id, *out[i]] for i in active]
-                decoder_input_ids, last = right_padded(decoded)
+                decoder_input_ids, _ = right_padded(decoded)  # equal lengths: every row has decoded as many
                 inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                           "decoder_input_ids": decoder_input_ids}  # fmt: skip
             else:
                 decoded = [prompt_ids[i] + out[i] for i in active]
-                input_ids, last = right_padded(decoded)
-                inputs = {"input_ids": input_ids, "attention_mask": last}
-            last = torch.zeros_like(last, dtype=torch.bool)
+                input_ids, attention_mask = right_padded(decoded)
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            width = max(len(row) for row in decoded)
+            last = torch.zeros((len(decoded), width), dtype=torch.bool)
             last[torch.arange(len(decoded)), torch.tensor([len(row) - 1 for row in decoded])] = True
             (logits,) = merged_logits_many(model, inputs, [factors], linearized, positions=last)
             still = []
