@@ -1,6 +1,8 @@
 """Offline, CPU-first test kit: tiny random models and an in-memory tokenizer, built in process."""
 
 import os
+import subprocess
+import sys
 
 
 # Shared 2-core machines: OpenMP threads spin under contention. Set before torch is imported.
@@ -30,6 +32,25 @@ TOKENIZER_TEXTS = [
     "What is 2 + 3? 5. What is 7 + 1? 8. The capital of France is Paris.",
     "yes no maybe neutral entailment contradiction 0 1 2 3 4 5 6 7 8 9",
 ]
+
+
+# Two gloo ranks on this machine; --standalone lets torchrun take a free port itself (no probe-then-bind race)
+TORCHRUN_TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run_worker(command: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a worker command; if it fails, fail the test with the tail of its output.
+
+    CI keeps the test report, not the workers' streams: without the tail a failed rank leaves no cause behind.
+    """
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command)} exited with {result.returncode}\n--- stdout (tail) ---\n{result.stdout[-3000:]}"
+            f"\n--- stderr (tail) ---\n{result.stderr[-8000:]}",
+            pytrace=False,
+        )
+    return result
 
 
 def make_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import TORCHRUN_TWO_PROCESSES, make_llama, make_tokenizer, run_worker
 from datasets import Dataset
 from huggingface_hub import HfApi
 from peft import LoraConfig, get_peft_model
@@ -301,9 +300,8 @@ def test_cli_on_a_local_model_and_jsonl(tmp_path, capsys):
 def test_two_processes_equal_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     worker = str(ROOT / "tests" / "curvature_worker.py")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    subprocess.run([*launch, worker, str(tmp_path / "ddp")], check=True, env=env)
-    subprocess.run([sys.executable, worker, str(tmp_path / "single")], check=True, env=env)
+    run_worker([*TORCHRUN_TWO_PROCESSES, worker, str(tmp_path / "ddp")], env)
+    run_worker([sys.executable, worker, str(tmp_path / "single")], env)
     ddp, single = load_curvature(tmp_path / "ddp"), load_curvature(tmp_path / "single")
     assert ddp.metadata["world_size"] == 2
     assert single.metadata["world_size"] == 1

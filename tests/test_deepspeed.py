@@ -3,11 +3,11 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_worker
 
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (scripts/setup.sh installs it)")
@@ -20,9 +20,7 @@ def _run(stage: int, tmp_path) -> dict:
         port = probe.getsockname()[1]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_BUILD_OPS": "0"}  # fmt: skip
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "deepspeed_worker.py"), str(stage), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_worker([sys.executable, str(ROOT / "tests" / "deepspeed_worker.py"), str(stage), str(tmp_path)], env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -2,12 +2,11 @@
 of the three trainers, and the two ranks end with the same weights."""
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import TORCHRUN_TWO_PROCESSES, run_worker
 from ddp_worker import MODES
 from safetensors.torch import load_file
 from torch.testing import assert_close
@@ -24,15 +23,11 @@ def test_ddp_two_processes_equal_one_process_in_every_mode(kind, tmp_path):
     reference = tmp_path / "reference.txt"
     reference.write_text("\n".join(f"What is {i} + {i % 3}? {i + i % 3}." for i in range(12)))
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run([sys.executable, worker, kind, str(single), "4", str(reference)], check=True, env=env)
+    run_worker([sys.executable, worker, kind, str(single), "4", str(reference)], env)
     (ddp / "curvature").parent.mkdir(parents=True)
     os.symlink(single / "curvature", ddp / "curvature")  # one cache: estimation under DDP is tested elsewhere
     # accelerate launches multi-CPU jobs through MPI only; torchrun gives DDP over gloo on one machine
-    with socket.socket() as probe:  # a free port: other jobs on a shared machine may hold the default one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    subprocess.run([*launch, worker, kind, str(ddp), "2", str(reference)], check=True, env=env)
+    run_worker([*TORCHRUN_TWO_PROCESSES, worker, kind, str(ddp), "2", str(reference)], env)
     for mode in MODES:
         expected = load_file(single / mode / "rank0.safetensors")
         initial_b_is_zero = [k for k in expected if ".lora_B." in k]

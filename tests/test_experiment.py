@@ -5,15 +5,12 @@ import dataclasses
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import make_t5, make_tokenizer
+from conftest import TORCHRUN_TWO_PROCESSES, make_t5, make_tokenizer, run_worker
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -380,13 +377,7 @@ def test_experiment_under_torchrun_two_processes(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(raw))
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run([*launch, "-m", "delta_trl.experiment", str(path)], env=env, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_worker([*TORCHRUN_TWO_PROCESSES, "-m", "delta_trl.experiment", str(path)], env)
     assert result.stdout.count("| method | mean individual |") == 1  # one report, from the main process
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["methods"]) == {"nonlinear", "delta"}
