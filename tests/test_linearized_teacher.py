@@ -10,6 +10,7 @@ from peft.tuners.lora import LoraLayer
 from torch.testing import assert_close
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import delta_trl.core.fused_blocks as fused_blocks_module
 from delta_trl.core.adapters import scaled_adapters, unparked
 from delta_trl.core.linearize import (
     _SavedTangentRelease,
@@ -41,9 +42,14 @@ def _inputs(kind: str):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.parametrize("blocks", ["fused", "pytorch"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_one_pass_teacher_gradient_equals_backprop_through_the_jvp(kind, attn):
+def test_one_pass_teacher_gradient_equals_backprop_through_the_jvp(kind, attn, blocks, monkeypatch):
+    if blocks == "pytorch":  # PyTorch's own rules everywhere but the linear layers and SDPA
+        monkeypatch.setattr(fused_blocks_module, "_fused_forward", lambda module: None)
+    # Llama's RMSNorm computes in fp32 even in an fp64 model, where the fused rule and PyTorch's round differently
+    fp32_norms = kind == "llama" and blocks == "fused"
     model = _peft(kind, attn)
     inputs = _inputs(kind)
     shift = kind == "llama"
@@ -63,17 +69,18 @@ def test_one_pass_teacher_gradient_equals_backprop_through_the_jvp(kind, attn):
         )
         got = torch.autograd.grad(loss, teacher + student, allow_unused=True)
     assert model.training  # the state is restored
-    assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    tolerance = 1e-5 if fp32_norms else 1e-12
+    assert_close(loss, reference.detach(), rtol=tolerance, atol=tolerance)
     assert max(g.abs().max() for g in expected) > 1e-3
     error = max((g - e).abs().max().item() for g, e in zip(got, expected, strict=False))
-    print(f"{kind}/{attn}: max |grad error| = {error:.2e}")
+    print(f"{kind}/{attn}/{blocks}: max |grad error| = {error:.2e}")
     # Llama's eager attention takes its softmax in fp32 even in an fp64 model: ~1e-9 there, rounding elsewhere
-    assert error < (1e-8 if (kind, attn) == ("llama", "eager") else 1e-14)
+    assert error < (1e-6 if fp32_norms else 1e-8 if (kind, attn) == ("llama", "eager") else 1e-14)
     assert all(g is None or g.abs().max() == 0 for g in got[len(teacher) :])  # the student gets nothing
     full = lin.logits(alpha).detach()
-    assert_close(one_pass.logits(alpha), full[rows], rtol=1e-12, atol=1e-12)
-    assert_close(one_pass.full_logits(alpha)[rows], full[rows])
-    assert_close(one_pass.hidden(alpha)[0], lin.hidden(alpha)[0].detach(), rtol=1e-12, atol=1e-12)
+    assert_close(one_pass.logits(alpha), full[rows], rtol=tolerance, atol=tolerance)
+    assert_close(one_pass.full_logits(alpha)[rows], full[rows], rtol=tolerance, atol=tolerance)
+    assert_close(one_pass.hidden(alpha)[0], lin.hidden(alpha)[0].detach(), rtol=tolerance, atol=tolerance)
     with pytest.raises(ValueError, match="no θ0 graph"):
         linearized_teacher_loss(model, "teacher", one_pass, lambda z: z.sum(), alpha)
 

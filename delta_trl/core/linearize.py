@@ -26,6 +26,7 @@ from peft.tuners.lora import LoraLayer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from delta_trl.core.adapters import check_linear_lora, lora_layers, nominal_scaling, scaled_adapters
+from delta_trl.core.fused_blocks import autocast_enabled, fused_blocks
 
 
 # Attention implementations whose kernels have a forward-mode AD formula (SDPA is forced onto its MATH backend).
@@ -366,7 +367,7 @@ def frozen_linear_jvp(model: torch.nn.Module) -> Iterator[None]:
     casts) or for layers with a trainable weight or bias (the LoRA factors)."""
     patched: list[torch.nn.Module] = []
     try:
-        if not torch.is_autocast_enabled():
+        if not autocast_enabled(model):
             for module in model.modules():
                 frozen = not module.weight.requires_grad if type(module) is torch.nn.Linear else False
                 if frozen and (module.bias is None or not module.bias.requires_grad) and "forward" not in vars(module):
@@ -584,8 +585,9 @@ def _outermost_blocks(model: torch.nn.Module, *, checkpointed_only: bool = False
 @contextlib.contextmanager
 def _theta0_state(model: torch.nn.Module) -> Iterator[None]:
     """The state the teacher's θ0 forward runs in, re-entered when a checkpointed block of it is recomputed: θ0
-    (:func:`at_theta0`) with SDPA on its fused kernels first."""
-    with at_theta0(model), sdpa_kernel(_FUSED_FIRST, set_priority=True):
+    (:func:`at_theta0`) with SDPA on its fused kernels first and the fused RMSNorm/MLP rules (:func:`fused_blocks`),
+    as in the one-pass teacher, so that both give the same gradient."""
+    with at_theta0(model), sdpa_kernel(_FUSED_FIRST, set_priority=True), fused_blocks(model):
         yield
 
 
@@ -856,6 +858,7 @@ def linearized_teacher_forward(
         with jvp_safe_mode(model), logits_on_rows(base, rows):
             with (
                 frozen_linear_jvp(model),
+                fused_blocks(model),
                 scaled_adapters(model, others),
                 fwAD.dual_level(),
                 saved,
