@@ -13,6 +13,7 @@ from delta_trl.core.adapters import (
     add_teacher_adapter,
     lora_layers,
     nominal_scaling,
+    only_adapter,
     park_adapter,
     scale_multiplier,
     scaled_adapters,
@@ -117,3 +118,28 @@ def test_parked_teacher_is_out_of_every_forward_until_unparked():
     assert all(p.requires_grad for n, p in model.named_parameters() if ".teacher." in n or ".default." in n)
     park_adapter(model, "default")
     assert all(layer.scaling["default"] == 0.0 for layer in lora_layers(model, "default"))
+
+
+def test_only_adapter_skips_the_zero_scaled_branches_bit_identically_and_restores_everything():
+    model, batch = _model("llama"), _batch("llama")
+    add_teacher_adapter(model, "default", "teacher", teacher_r=2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".teacher." in name:
+                param.normal_()
+    first_a = lora_layers(model)[0].lora_A["default"].weight
+    first_a.requires_grad_(False)  # a user's frozen factor stays frozen
+    flags = {name: param.requires_grad for name, param in model.named_parameters()}
+    layers = lora_layers(model)
+    active = [list(layer.active_adapters) for layer in layers]
+    assert all(len(names) == 2 for names in active)
+    with torch.no_grad(), unparked(model, "teacher"), scaled_adapters(model, {"default": 0.0}):
+        both_running = model(**batch).logits
+        with only_adapter(model, "teacher"):
+            assert all(layer.active_adapters == ["teacher"] for layer in layers)
+            teacher_only = model(**batch).logits
+    assert torch.equal(teacher_only, both_running)  # + (B·A·x)·0 skipped: the same bits
+    with pytest.raises(RuntimeError, match="inside"), only_adapter(model, "teacher"):
+        raise RuntimeError("inside")
+    assert [list(layer.active_adapters) for layer in layers] == active
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == flags

@@ -102,6 +102,33 @@ def scaled_adapters(model: torch.nn.Module, factors: Mapping[str, float | torch.
             layer.set_scale(name, multiplier)
 
 
+@contextlib.contextmanager
+def only_adapter(model: torch.nn.Module, adapter_name: str) -> Iterator[None]:
+    """Inside the block every LoRA layer runs the branch of ``adapter_name`` alone (PEFT's layer-level
+    ``set_adapter``).
+
+    For passes in which every other adapter is scaled to 0: PEFT would still run their branches and add
+    ``(B·A·x)·0 = 0`` (bit-identical to skipping them for finite activations), which in the teacher's forward-mode
+    pass costs a tangent and a graph per layer, ~3% of a DELTA step. ``set_adapter`` also switches ``requires_grad``
+    (on for ``adapter_name``, off for the others): every layer's active adapters and every LoRA parameter's
+    ``requires_grad`` are put back on exit, also on error. Not inside ``torch.func`` transforms, where flipping
+    ``requires_grad`` breaks (:func:`scaled_adapters` is the way there).
+    """
+    saved = [
+        (layer, list(layer.active_adapters), [(p, p.requires_grad) for p in layer.parameters()])
+        for layer in lora_layers(model)
+    ]
+    try:
+        for layer, _, _ in saved:
+            layer.set_adapter([adapter_name])
+        yield
+    finally:
+        for layer, active, flags in saved:
+            layer.set_adapter(active)
+            for param, requires_grad in flags:
+                param.requires_grad_(requires_grad)
+
+
 def add_teacher_adapter(model: PeftModel, student_name: str, teacher_name: str, teacher_r: int | None) -> LoraConfig:
     """Add the teacher LoRA adapter, built from the student's config, and make both adapters active and trainable.
 

@@ -25,7 +25,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from delta_trl.core.adapters import check_linear_lora, lora_layers, nominal_scaling, scaled_adapters
+from delta_trl.core.adapters import check_linear_lora, lora_layers, nominal_scaling, only_adapter, scaled_adapters
 from delta_trl.core.fused_blocks import autocast_enabled, fused_blocks
 
 
@@ -583,16 +583,24 @@ def _outermost_blocks(model: torch.nn.Module, *, checkpointed_only: bool = False
 
 
 @contextlib.contextmanager
-def _theta0_state(model: torch.nn.Module) -> Iterator[None]:
+def _theta0_state(model: torch.nn.Module, adapter_name: str) -> Iterator[None]:
     """The state the teacher's θ0 forward runs in, re-entered when a checkpointed block of it is recomputed: θ0
     (:func:`at_theta0`) with SDPA on its fused kernels first and the fused RMSNorm/MLP rules (:func:`fused_blocks`),
-    as in the one-pass teacher, so that both give the same gradient."""
-    with at_theta0(model), sdpa_kernel(_FUSED_FIRST, set_priority=True), fused_blocks(model):
+    as in the one-pass teacher, so that both give the same gradient. Only ``adapter_name``'s branch runs (at scale 0:
+    it is what makes the LoRA outputs ``y_l`` nodes of the graph)."""
+    with (
+        at_theta0(model),
+        only_adapter(model, adapter_name),
+        sdpa_kernel(_FUSED_FIRST, set_priority=True),
+        fused_blocks(model),
+    ):
         yield
 
 
 @contextlib.contextmanager
-def _checkpointed_blocks(model: torch.nn.Module, blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
+def _checkpointed_blocks(
+    model: torch.nn.Module, blocks: Sequence[torch.nn.Module], adapter_name: str
+) -> Iterator[None]:
     """Run each of ``blocks`` (of the θ0 forward) under non-reentrant activation checkpointing.
 
     ``blocks``: the layers the user checkpoints (``_outermost_blocks(model, checkpointed_only=True)``, so
@@ -606,7 +614,7 @@ def _checkpointed_blocks(model: torch.nn.Module, blocks: Sequence[torch.nn.Modul
     from torch.utils.checkpoint import checkpoint
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _theta0_state(model)
+        return contextlib.nullcontext(), _theta0_state(model, adapter_name)
 
     def checkpointed(block: torch.nn.Module) -> Callable[..., Any]:
         forward = block.forward
@@ -651,7 +659,7 @@ def _theta0_graph_forward(
 
     handles = [layer.register_forward_hook(capture) for layer in lora_layers(model, adapter_name)]
     try:
-        with _theta0_state(model), _checkpointed_blocks(model, checkpointed):
+        with _theta0_state(model, adapter_name), _checkpointed_blocks(model, checkpointed, adapter_name):
             outputs = (forward_model or model)(**kwargs)
     finally:
         for handle in handles:
@@ -860,6 +868,7 @@ def linearized_teacher_forward(
                 frozen_linear_jvp(model),
                 fused_blocks(model),
                 scaled_adapters(model, others),
+                only_adapter(model, adapter_name),
                 fwAD.dual_level(),
                 saved,
                 attention,
@@ -1035,7 +1044,7 @@ def finite_difference_teacher_forward(
         sdpa_kernel(_FUSED_FIRST, set_priority=True),  # no forward-mode AD here: the exact pass's primal kernels
         logits_on_rows(base, rows),
     ):
-        with torch.no_grad(), scaled_adapters(model, {**others, adapter_name: eps}):
+        with torch.no_grad(), scaled_adapters(model, {**others, adapter_name: eps}), only_adapter(model, adapter_name):
             perturbed_logits, perturbed_hidden = outputs_of(model(**kwargs))
         outputs, captured = _theta0_graph_forward(
             model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
