@@ -208,8 +208,19 @@ def test_saved_tangents_are_released_at_each_layer_exit_and_the_gradient_is_unch
         {"mask": "padding", "enable_gqa": True},  # two rows of the second sequence attend to nothing
         {"mask": "float", "enable_gqa": True, "scale": 0.3},
         {"mask": "padding"},
+        {"mask": "per-head", "enable_gqa": True, "only": (1, 2)},  # a (B, H, L, S) mask; no query tangent
+        {"mask": "2d-float", "enable_gqa": True, "only": (0,)},
+        {"is_causal": True, "enable_gqa": True, "length": 3, "only": (2,)},  # L < S: upper-left causal
     ],
-    ids=["causal-gqa", "bool-mask-gqa", "float-mask-scale", "bool-mask"],
+    ids=[
+        "causal-gqa",
+        "bool-mask-gqa",
+        "float-mask-scale",
+        "bool-mask",
+        "head-mask-gqa-kv",
+        "2d-mask-q",
+        "causal-3x5-v",
+    ],
 )
 def test_fused_attention_rule_equals_the_math_kernel_in_primal_tangent_and_gradient(options):
     """``_FusedAttention`` (fused primal, explicit tangent, recomputed fused backward) against PyTorch's own MATH
@@ -222,16 +233,23 @@ def test_fused_attention_rule_equals_the_math_kernel_in_primal_tangent_and_gradi
 
     torch.manual_seed(0)
     heads, kv_heads = 4, (2 if options.get("enable_gqa") else 4)
-    q = torch.randn(2, heads, 5, 8, dtype=torch.float64, requires_grad=True)
+    length = options.get("length", 5)
+    q = torch.randn(2, heads, length, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, kv_heads, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    tangents = [torch.randn_like(t) for t in (q, k, v)]
-    kwargs = {key: value for key, value in options.items() if key != "mask"}
+    # the inputs without a tangent get an exact zero one (forward AD's own rule skips the term, as ours does)
+    tangents = [torch.randn_like(t) if i in options.get("only", (0, 1, 2)) else None for i, t in enumerate((q, k, v))]
+    kwargs = {key: value for key, value in options.items() if key in ("is_causal", "enable_gqa", "scale")}
     if options.get("mask") == "padding":
         mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
         mask[1, :, :, :2] = False
         kwargs["attn_mask"] = mask
     elif options.get("mask") == "float":
         kwargs["attn_mask"] = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    elif options.get("mask") == "per-head":
+        kwargs["attn_mask"] = torch.rand(2, heads, 5, 5) > 0.3
+        kwargs["attn_mask"][0, 1, 2] = False  # a row of one head attends to nothing
+    elif options.get("mask") == "2d-float":
+        kwargs["attn_mask"] = torch.randn(5, 5, dtype=torch.float64)
     calls = []
 
     def run(fused: bool):
@@ -242,7 +260,7 @@ def test_fused_attention_rule_equals_the_math_kernel_in_primal_tangent_and_gradi
             _FusedAttention.apply = lambda *a: calls.append(1) or original(*a)
         try:
             with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), spy:
-                duals = [fwAD.make_dual(t, d) for t, d in zip((q, k, v), tangents, strict=True)]
+                duals = [t if d is None else fwAD.make_dual(t, d) for t, d in zip((q, k, v), tangents, strict=True)]
                 out = fwAD.unpack_dual(F.scaled_dot_product_attention(*duals, **kwargs))
                 return out.primal, out.tangent.detach()
         finally:

@@ -14,6 +14,7 @@ so a loss on ``f_lin`` trains the teacher in the tangent space.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -409,35 +410,58 @@ def attention_tangent(
     SDPA's MATH kernel). ``s`` defaults to ``1/sqrt(E)``. Computes ``P`` ``(…, L, S)`` transiently, without a graph.
     """
     tq, tk, tv = tangents
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        groups = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
-        tk = tk.repeat_interleave(groups, -3) if tk is not None else None
-        tv = tv.repeat_interleave(groups, -3) if tv is not None else None
+    if tq is None and tk is None and tv is None:
+        return query.new_zeros((*query.shape[:-1], value.shape[-1]))
+    heads, length = query.shape[-3:-1] if query.dim() >= 3 else (1, query.shape[-2])
+    groups = heads // key.shape[-3] if enable_gqa and query.dim() >= 3 else 1
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = (query @ key.transpose(-2, -1)) * scale
+
+    # GQA without repeating keys and values: the G query heads that share a key/value head are stacked along the
+    # rows, (…, H, L, E) -> (…, H/G, G·L, E), so one matmul per key/value head serves them all.
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        return t if groups == 1 else t.reshape(*t.shape[:-3], t.shape[-3] // groups, groups * length, t.shape[-1])
+
+    def per_query_head(t: torch.Tensor) -> torch.Tensor:  # (…, H/G, G·L, S) seen as (…, H/G, G, L, S)
+        return t if groups == 1 else t.view(*t.shape[:-2], groups, length, t.shape[-1])
+
+    def mask_for(mask: torch.Tensor) -> torch.Tensor:  # SDPA's broadcast of a mask, in the grouped layout
+        if groups == 1:
+            return mask
+        if mask.dim() >= 3 and mask.shape[-3] == heads:
+            return mask.reshape(*mask.shape[:-3], heads // groups, groups, *mask.shape[-2:])
+        return mask.unsqueeze(-3)
+
+    scaled_query = grouped(query * scale)  # s folded into (L, E) factors rather than applied to (L, S) scores
+    key_t = key.transpose(-2, -1)
+    scores = scaled_query @ key_t
+    masked = per_query_head(scores)
     if is_causal:
-        length, source = scores.shape[-2:]
-        causal = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        masked.masked_fill_(~torch.ones(*masked.shape[-2:], dtype=torch.bool, device=scores.device).tril(), -math.inf)
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all -inf row: NaN -> 0
-    del scores
-    d_scores = None
-    if tq is not None:
-        d_scores = (tq @ key.transpose(-2, -1)) * scale
-    if tk is not None:
-        term = (query @ tk.transpose(-2, -1)) * scale
-        d_scores = term if d_scores is None else d_scores + term
+        mask = mask_for(attn_mask)
+        if mask.dtype == torch.bool:
+            masked.masked_fill_(~mask, -math.inf)
+        else:
+            masked.add_(mask)
+    probs = torch.softmax(scores, dim=-1)
+    del scores, masked
+    if attn_mask is not None:  # a row that attends to nothing: NaN -> 0, as the MATH kernel
+        probs = probs.nan_to_num_(0.0)
     out = None
-    if d_scores is not None:
-        d_scores = d_scores * probs
-        d_probs = d_scores - probs * d_scores.sum(dim=-1, keepdim=True)
+    if tq is not None or tk is not None:
+        d_scores = grouped(tq * scale) @ key_t if tq is not None else None
+        if tk is not None:
+            term = scaled_query @ tk.transpose(-2, -1)
+            d_scores = term if d_scores is None else d_scores.add_(term)
+            del term
+        # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)), in place
+        d_probs = d_scores.mul_(probs)
+        d_probs.addcmul_(probs, d_probs.sum(dim=-1, keepdim=True), value=-1.0)
         out = d_probs @ value
+        del d_scores, d_probs
     if tv is not None:
-        out = probs @ tv if out is None else out + probs @ tv
-    return out if out is not None else torch.zeros_like(query[..., : value.shape[-1]])
+        out = probs @ tv if out is None else out.add_(probs @ tv)
+    return out if groups == 1 else out.reshape(*query.shape[:-1], value.shape[-1])
 
 
 class _FusedAttention(torch.autograd.Function):
