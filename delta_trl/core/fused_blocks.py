@@ -32,8 +32,8 @@ def rms_normalize_jvp(x: torch.Tensor, inv_rms: torch.Tensor, direction: torch.T
     ``J`` is symmetric, so this is also the reverse-mode rule (``v`` = the output's cotangent). ``inv_rms`` is ``r``
     with a kept last dimension of size 1.
     """
-    coefficient = (x * direction).mean(-1, keepdim=True) * inv_rms.square()
-    return (direction - x * coefficient) * inv_rms
+    coefficient = (x * direction).mean(-1, keepdim=True) * inv_rms.pow(3)
+    return torch.addcmul(direction * inv_rms, x, coefficient, value=-1.0)  # r·v − x·(r³·mean(x ⊙ v))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -67,8 +67,9 @@ class _RMSNorm(torch.autograd.Function):
         if x_tangent is None:
             return None
         x, weight, inv_rms = ctx.saved_tensors
-        tangent = rms_normalize_jvp(x.to(torch.float32), inv_rms, x_tangent.to(torch.float32))
-        return weight * tangent.to(x.dtype)
+        with torch.no_grad():  # the saved primals require grad: autograd would record the formula
+            tangent = rms_normalize_jvp(x.to(torch.float32), inv_rms, x_tangent.to(torch.float32))
+            return weight * tangent.to(x.dtype)
 
 
 class _SiluGate(torch.autograd.Function):
@@ -95,10 +96,11 @@ class _SiluGate(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, gate_tangent: torch.Tensor | None, up_tangent: torch.Tensor | None) -> torch.Tensor | None:
         gate, up, activated = ctx.saved_tensors
-        tangent = None if gate_tangent is None else torch.ops.aten.silu_backward(gate_tangent, gate).mul_(up)
-        if up_tangent is not None:
-            tangent = activated * up_tangent if tangent is None else tangent.addcmul_(activated, up_tangent)
-        return tangent
+        with torch.no_grad():  # the saved primals require grad: autograd would record the formula
+            tangent = None if gate_tangent is None else torch.ops.aten.silu_backward(gate_tangent, gate).mul_(up)
+            if up_tangent is not None:
+                tangent = activated * up_tangent if tangent is None else tangent.addcmul_(activated, up_tangent)
+            return tangent
 
 
 # The code the rules replace, copied from transformers' LlamaRMSNorm and LlamaMLP: a module is fused only if its
