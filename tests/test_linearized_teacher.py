@@ -370,3 +370,41 @@ def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent)
         assert peak_checkpointed < peak_plain
         base.activation_checkpointing_disable()
     assert 0 < len(checkpointed) < len(blocks)  # every_n_layers=2 left some blocks out
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_the_pass_stops_at_the_heads_input_only_where_the_heads_output_is_the_logits(kind):
+    """A model's first teacher pass learns whether its LM head's output is its logits; from the second on the pass
+    stops at the head's input and ``f_lin = W·(h0 + α·ḣ)`` (one (N, V) matmul). Same loss, gradient and logits."""
+    inputs = _inputs(kind)
+    rows, targets = row_targets(inputs["labels"], shift=kind == "llama")
+
+    def run(model):
+        teacher = [p for n, p in model.named_parameters() if ".teacher." in n]
+        with unparked(model, "teacher"):
+            one_pass = linearized_teacher_forward(model, inputs, "teacher", rows, (-1,))
+            loss = linearized_teacher_loss(model, "teacher", one_pass, lambda z: rows_cross_entropy(z, targets), 1.3)
+            grads = torch.autograd.grad(loss, teacher)
+        return one_pass, loss, grads
+
+    model = _peft(kind)
+    first, loss, grads = run(model)
+    second, loss_2, grads_2 = run(model)
+    assert first.head is None and second.head is model.get_base_model().get_output_embeddings()
+    assert second.base_out.shape[-1] == (model.config.d_model if kind == "t5" else model.config.hidden_size)
+    assert_close(loss_2, loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_2, grads, strict=True):
+        assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for get in (lambda p: p.base_logits, lambda p: p.tangent_logits, lambda p: p.logits(0.4), lambda p: p.logits(1.3)):
+        assert_close(get(second), get(first), rtol=1e-12, atol=1e-12)
+    assert_close(second.full_logits(1.3)[rows], first.logits(1.3), rtol=1e-12, atol=1e-12)
+
+    # logits changed after the head (as soft-capping or a logit scale would): the pass keeps computing them whole
+    scaled = _peft(kind)
+    scaled.get_base_model().register_forward_hook(
+        lambda module, args, output: output.__setitem__("logits", 2 * output.logits)
+    )
+    for _ in range(2):
+        one_pass, _, _ = run(scaled)
+        assert one_pass.head is None
+    assert_close(one_pass.logits(1.3), 2 * first.logits(1.3), rtol=1e-12, atol=1e-12)  # the same weights, scaled

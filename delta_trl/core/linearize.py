@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -765,34 +766,82 @@ def _cut_tangent_graph(module: torch.nn.Module, args: Any, output: Any) -> Any:
 class TeacherPass:
     """One θ0 forward of the linearized teacher, on the rows (positions) a loss reads.
 
+    The pass may stop at the LM head's input (``head`` set): the head is linear, so ``f_lin = W·(h0 + α·ḣ) + b``
+    takes one ``(N, V)`` matmul where ``W·h0 + α·W·ḣ`` takes two; the logits are computed when asked for.
+
     Attributes:
         rows: ``(B, T)`` bool, the positions whose logits were computed (row ``i`` of the logits is the ``i``-th
             ``True`` position in row-major order).
-        base_logits: ``f(x; θ0)`` on those rows, ``(N, V)``, detached (also the DPO reference).
-        tangent_logits: ``J f(x; θ0)·τ`` on those rows, ``(N, V)``, detached.
+        base_out / tangent_out: on those rows, detached: ``f(x; θ0)`` and ``J f(x; θ0)·τ`` ``(N, V)``, or, with
+            ``head``, the head's input at θ0 and its tangent ``(N, H)``.
         base_hidden / tangent_hidden: the requested hidden states at θ0 and their tangents, ``(B, T, H)``, detached.
+        head: the frozen ``nn.Linear`` LM head when the outputs are its input, else ``None``.
     """
 
     rows: torch.Tensor
-    base_logits: torch.Tensor
-    tangent_logits: torch.Tensor
+    base_out: torch.Tensor
+    tangent_out: torch.Tensor
     base_hidden: tuple[torch.Tensor, ...]
     tangent_hidden: tuple[torch.Tensor, ...]
-    _root: torch.Tensor | None = None  # base logits with the θ0 reverse graph
+    head: torch.nn.Linear | None = None
+    _root: torch.Tensor | None = None  # base_out with the θ0 reverse graph
     _captured: list[tuple[LoraLayer, torch.Tensor, torch.Tensor]] | None = None  # (layer, x_l, y_l) per LoRA layer
+    _logits_at: tuple[float, torch.Tensor] | None = None  # (α, logits) kept by the loss: no second (N, V) matmul
+
+    @property
+    def base_logits(self) -> torch.Tensor:
+        """``f(x; θ0)`` on the rows, ``(N, V)`` (also the DPO reference)."""
+        if self.head is None:
+            return self.base_out
+        with torch.no_grad():
+            return self.head(self.base_out)
+
+    @property
+    def tangent_logits(self) -> torch.Tensor:
+        """``J f(x; θ0)·τ`` on the rows, ``(N, V)``."""
+        if self.head is None:
+            return self.tangent_out
+        with torch.no_grad():
+            return F.linear(self.tangent_out, self.head.weight)
 
     def logits(self, alpha: float = 1.0) -> torch.Tensor:
         """``f_lin(x; α·τ) = f(x; θ0) + α·J f(x; θ0)·τ`` on the rows, ``(N, V)``."""
-        return torch.add(self.base_logits, self.tangent_logits, alpha=alpha)  # one (N, V) pass, no α·T temporary
+        if self._logits_at is not None and self._logits_at[0] == alpha:
+            return self._logits_at[1]
+        point = torch.add(self.base_out, self.tangent_out, alpha=alpha)  # one pass, no α·T temporary
+        if self.head is None:
+            return point
+        with torch.no_grad():
+            return self.head(point)
 
     def hidden(self, alpha: float = 1.0) -> tuple[torch.Tensor, ...]:
         return tuple(h0 + alpha * dh for h0, dh in zip(self.base_hidden, self.tangent_hidden, strict=True))
 
     def full_logits(self, alpha: float = 1.0) -> torch.Tensor:
         """The linearized logits scattered into ``(B, T, V)``, zero off the rows (for metrics that index rows)."""
-        full = self.base_logits.new_zeros((*self.rows.shape, self.base_logits.shape[-1]))
-        full[self.rows] = self.logits(alpha)
+        logits = self.logits(alpha)
+        full = logits.new_zeros((*self.rows.shape, logits.shape[-1]))
+        full[self.rows] = logits
         return full
+
+
+# LM heads whose output the model returns as its logits unchanged (no soft-capping or scaling after them), learnt on
+# a model's first teacher pass (the output's identity); from the second on, the pass stops at the head's input.
+_HEAD_OUTPUT_IS_LOGITS: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _head_returns_its_input(head: torch.nn.Module) -> Iterator[None]:
+    """The LM head passes its input through (after :func:`logits_on_rows`' row selection); restored on exit."""
+    patched = vars(head).get("forward")  # e.g. frozen_linear_jvp's
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if patched is None:
+            del head.forward
+        else:
+            head.forward = patched
 
 
 @contextlib.contextmanager
@@ -882,10 +931,22 @@ def linearized_teacher_forward(
             m.register_forward_hook(_cut_tangent_graph) for m in base.modules() if m not in skip and m not in layer_set
         ]
         handles += [layer.register_forward_hook(capture) for layer in layers]
+    head = base.get_output_embeddings()
+    frozen_head = (
+        type(head) is torch.nn.Linear
+        and not any(p.requires_grad for p in head.parameters())
+        and not checkpointed
+        and not autocast_enabled(model)
+    )
+    head_input_only = frozen_head and _HEAD_OUTPUT_IS_LOGITS.get(head) is True
+    head_outputs: list[torch.Tensor] = []
+    if frozen_head and head not in _HEAD_OUTPUT_IS_LOGITS:  # registered last: sees what the other hooks return
+        handles.append(head.register_forward_hook(lambda module, args, output: head_outputs.append(output)))
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     one = torch.ones_like(zero)
     saved = _SavedTangentRelease(base, keep_tangents=[one]) if graph_in_pass else contextlib.nullcontext()
     attention = _FusedAttentionMode() if graph_in_pass else contextlib.nullcontext()
+    head_input = _head_returns_its_input(head) if head_input_only else contextlib.nullcontext()
     try:
         with jvp_safe_mode(model), logits_on_rows(base, rows):
             with (
@@ -897,9 +958,13 @@ def linearized_teacher_forward(
                 saved,
                 attention,
                 torch.set_grad_enabled(graph_in_pass),
+                head_input,
             ):
                 with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, one)}):
                     outputs = (model if checkpointed else forward_model or model)(**kwargs)
+                if head_outputs:
+                    _HEAD_OUTPUT_IS_LOGITS[head] = len(head_outputs) == 1 and outputs.logits is head_outputs[0]
+                    head_outputs.clear()
                 logits = fwAD.unpack_dual(outputs.logits)
                 hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
                 hidden = [fwAD.unpack_dual(hidden[i]) for i in hidden_layers]
@@ -922,10 +987,11 @@ def linearized_teacher_forward(
             handle.remove()
     return TeacherPass(
         rows=rows,
-        base_logits=root.detach(),
-        tangent_logits=tangent_logits,
+        base_out=root.detach(),
+        tangent_out=tangent_logits,
         base_hidden=base_hidden,
         tangent_hidden=tangent_hidden,
+        head=head if head_input_only else None,
         _root=root if training else None,
         _captured=captured if training else None,
     )
@@ -940,22 +1006,27 @@ def linearized_teacher_loss(
 ) -> torch.Tensor:
     """``L(f_lin(x; α·τ))`` on the pass's rows, with the exact gradient w.r.t. the adapter's LoRA factors.
 
-    With ``T = J f(θ0)·τ`` and ``u = ∂L/∂z`` at ``z = f(θ0) + α·T`` (``(N, V)``), the gradient is ``α·(∂T/∂θ_τ)ᵀ·u``.
+    With ``T = J f(θ0)·τ`` and ``u = ∂L/∂z`` at ``z = f(θ0) + α·T`` (``(N, V)``), the gradient is ``α·(∂T/∂θ_τ)ᵀ·u``
+    (a pass that stopped at the LM head's input backpropagates ``u`` through the head first: ``α·Wᵀ·u``, ``(N, H)``).
     The adapter's output ``s·B_l·A_l·x_l`` enters each layer additively, so ``⟨T, α·u⟩ = Σ_l ⟨δ_l, s·B_l·A_l·x_l⟩``
     with ``δ_l = ∂⟨f(θ0), α·u⟩/∂y_l``: one reverse pass through the pass's θ0 graph gives every ``δ_l``, and
     :func:`lora_factor_gradients` turns them into ``G_A``, ``G_B``. The returned tensor has the value of ``L`` and the
     gradient of ``Σ_l ⟨G_A,l, A_l⟩ + ⟨G_B,l, B_l⟩`` (``G`` fixed), i.e. exactly ``∂L/∂A_l = G_A,l``, ``∂L/∂B_l = G_B,l``.
     ``loss_fn`` maps ``(N, V)`` logits to a scalar. Consumes the pass's graph (a second call raises).
     """
-    logits = teacher.logits(alpha)
     if teacher._captured is None or not torch.is_grad_enabled():  # evaluation: the value is all that is needed
-        return loss_fn(logits)
+        return loss_fn(teacher.logits(alpha))
     if teacher._root is None:
         raise ValueError("This TeacherPass has no θ0 graph left: its loss was already taken.")
-    logits.requires_grad_(True)
+    if teacher.head is None:
+        point = logits = teacher.logits(alpha).requires_grad_(True)
+    else:  # the pass stopped at the head's input: f_lin = head(h0 + α·ḣ), and the cotangent is taken at h0 + α·ḣ
+        point = torch.add(teacher.base_out, teacher.tangent_out, alpha=alpha).requires_grad_(True)
+        logits = teacher.head(point)
     loss = loss_fn(logits)
     # α·u, with α folded into the loss's backward (a scalar there) rather than applied to the (N, V) cotangent
-    (cotangent,) = torch.autograd.grad(loss, logits, grad_outputs=torch.full_like(loss, alpha))
+    (cotangent,) = torch.autograd.grad(loss, point, grad_outputs=torch.full_like(loss, alpha))
+    teacher._logits_at = (alpha, logits.detach())
     captured, root = teacher._captured, teacher._root
     teacher._captured, teacher._root = [], None  # consumed: the graph is freed as soon as δ_l are taken
     deltas = torch.autograd.grad(root, [y for _, _, y in captured], grad_outputs=cotangent, allow_unused=True)
@@ -1079,8 +1150,8 @@ def finite_difference_teacher_forward(
     base_hidden = tuple(h.detach() for h in hidden)
     return TeacherPass(
         rows=rows,
-        base_logits=base_logits,
-        tangent_logits=(perturbed_logits - base_logits) / eps,
+        base_out=base_logits,
+        tangent_out=(perturbed_logits - base_logits) / eps,
         base_hidden=base_hidden,
         tangent_hidden=tuple((h - h0) / eps for h, h0 in zip(perturbed_hidden, base_hidden, strict=True)),
         _root=root if training else None,
