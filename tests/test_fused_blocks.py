@@ -4,13 +4,14 @@ in fp64 and against PyTorch's own rules on the modules they replace."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import transformers.models.llama.modeling_llama as modeling_llama
 from torch.testing import assert_close
 from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-from delta_trl.core.fused_blocks import _SiluGate, fused_blocks, rms_normalize_jvp
+from delta_trl.core.fused_blocks import _SiluGate, fused_blocks, fused_rotary, rms_normalize_jvp, rotate_half
 
 
 def _dual_run(module: torch.nn.Module, x: torch.Tensor, tangent: torch.Tensor, cotangent: torch.Tensor):
@@ -109,3 +110,50 @@ def test_fused_blocks_patch_only_llamas_code_and_restore_everything():
     with pytest.raises(RuntimeError, match="inside"), fused_blocks(model):
         raise RuntimeError("inside")
     assert not [m for m in model.modules() if "forward" in vars(m)]  # restored on error too
+
+
+def test_rotary_rule_equals_llamas_function_in_primal_tangent_and_gradient():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(2, 5, 8, dtype=torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    tangents = (torch.randn_like(q), torch.randn_like(k))
+    cotangents = (torch.randn_like(q), torch.randn_like(k))
+
+    def run(rotary):
+        with fwAD.dual_level():
+            outs = rotary(*(fwAD.make_dual(t, d) for t, d in zip((q, k), tangents, strict=True)), cos, sin)
+            outs = [fwAD.unpack_dual(o) for o in outs]
+        primals = [o.primal for o in outs]
+        grads = torch.autograd.grad(primals, (q, k), cotangents)
+        return [p.detach() for p in primals], [o.tangent.detach() for o in outs], grads
+
+    expected, got = run(modeling_llama.apply_rotary_pos_emb), run(fused_rotary)
+    for a, b in zip(got[0], expected[0], strict=True):
+        assert torch.equal(a, b)  # Llama's ops: bit-identical
+    for a, b in zip(got[1] + list(got[2]), expected[1] + list(expected[2]), strict=True):
+        assert_close(a, b, rtol=1e-14, atol=1e-15)
+    # by hand, one pair of dimensions: x = (1, 2), cos = (c, c), sin = (s, s): R(x) = (c − 2s, 2c + s); Rᵀ(1, 0) = (c, −s)
+    c, s_ = 0.6, 0.8
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    cs, ss = torch.full((1, 2), c), torch.full((1, 2), s_)
+    out, _ = fused_rotary(x, x.detach(), cs, ss, unsqueeze_dim=0)
+    assert_close(out.detach().flatten(), torch.tensor([c - 2 * s_, 2 * c + s_]))
+    (grad,) = torch.autograd.grad(out, x, torch.tensor([[[1.0, 0.0]]]))
+    assert_close(grad, torch.tensor([[c, -s_]]))
+    assert torch.equal(rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
+
+
+def test_rotary_rule_leaves_a_trainable_cos_to_pytorch_and_the_patch_is_undone():
+    cos = torch.randn(1, 3, 4, requires_grad=True)
+    q = torch.randn(1, 2, 3, 4)
+    out, _ = fused_rotary(q, q, cos, cos.detach())
+    assert "Rotary" not in type(out.grad_fn).__name__  # PyTorch's own ops: cos gets its gradient
+    assert torch.autograd.grad(out.sum(), cos)[0].abs().sum() > 0
+    config = LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2, num_key_value_heads=1)
+    layer = modeling_llama.LlamaDecoderLayer(config, layer_idx=0)
+    before = dict(vars(modeling_llama.apply_rotary_pos_emb)), modeling_llama.apply_rotary_pos_emb
+    with fused_blocks(layer):
+        assert modeling_llama.apply_rotary_pos_emb.forward is fused_rotary  # the kernels function module's forward
+    assert (dict(vars(modeling_llama.apply_rotary_pos_emb)), modeling_llama.apply_rotary_pos_emb) == before

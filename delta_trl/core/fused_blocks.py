@@ -2,12 +2,13 @@
 
 Under forward-mode AD with grad mode on, every elementwise op of a block computes its primal, its tangent formula,
 and records both in the reverse graph (the tangent formulas read primals that require grad); an RMSNorm costs
-about ten times its plain forward that way. Here the two most common elementwise blocks of decoder LMs get one
+about ten times its plain forward that way. Here the most common elementwise blocks of decoder LMs get one
 ``torch.autograd.Function`` each, with a primal bit-identical to the module's, a tangent from an explicit formula and
 no graph, and a reverse pass from an explicit formula:
 
 - RMSNorm (Llama's, and every model's whose ``forward`` is the same code): :class:`_RMSNorm`;
-- the gated MLP ``down(silu(gate(x)) ⊙ up(x))`` (Llama's and its copies): :class:`_SiluGate` for ``silu(g) ⊙ u``.
+- the gated MLP ``down(silu(gate(x)) ⊙ up(x))`` (Llama's and its copies): :class:`_SiluGate` for ``silu(g) ⊙ u``;
+- the rotary position embedding (Llama's ``apply_rotary_pos_emb`` and its copies): :class:`_Rotary`.
 
 :func:`fused_blocks` swaps them in for the modules that match, inside the teacher pass only; anything else (other
 norms, activations, a trainable norm weight) keeps PyTorch's own rules.
@@ -16,11 +17,13 @@ norms, activations, a trainable norm weight) keeps PyTorch's own rules.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from types import CodeType, FunctionType
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 
@@ -103,6 +106,57 @@ class _SiluGate(torch.autograd.Function):
             return tangent
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(x1, x2) ↦ (−x2, x1)`` over the halves of the last dimension (Llama's, op for op). Its transpose is its
+    negative: ``rotate_halfᵀ(y) = (y2, −y1) = −rotate_half(y)``."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotary position embedding ``R(x) = x ⊙ cos + rotate_half(x) ⊙ sin``, linear in ``x`` (``cos``, ``sin`` constant):
+    ``Ṙ = R(ẋ)``, ``∂L/∂x = Rᵀ(g) = g ⊙ cos − rotate_half(g ⊙ sin)``. One node instead of seven ops, each with a
+    forward-mode view or tangent of its own."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.save_for_forward(cos, sin)
+        ctx.set_materialize_grads(False)
+        return (x * cos) + (rotate_half(x) * sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
+        if grad_output is None:
+            return None, None, None
+        cos, sin = ctx.saved_tensors
+        return grad_output * cos - rotate_half(grad_output * sin), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: torch.Tensor | None, *_: Any) -> torch.Tensor | None:
+        if x_tangent is None:
+            return None
+        cos, sin = ctx.saved_tensors
+        with torch.no_grad():
+            return (x_tangent * cos) + (rotate_half(x_tangent) * sin)
+
+
+def fused_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's ``apply_rotary_pos_emb`` through :class:`_Rotary` (its own ops where ``cos``/``sin`` need a gradient
+    or carry a tangent, which the rule does not give them)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    constant = not (cos.requires_grad or sin.requires_grad) and all(
+        fwAD.unpack_dual(t).tangent is None for t in (cos, sin)
+    )
+    if not constant:
+        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+
 # The code the rules replace, copied from transformers' LlamaRMSNorm and LlamaMLP: a module is fused only if its
 # class's ``forward`` compiles to the same bytecode, constants and names (transformers' copies of these modules in
 # other models do; a kernel library's patched forward or a changed upstream does not, and keeps PyTorch's rules).
@@ -119,13 +173,71 @@ def _llama_mlp_code(self, x):  # noqa: ANN001, ANN202
     return down_proj
 
 
+def _llama_rotary_code(q, k, cos, sin, unsqueeze_dim=1):  # noqa: ANN001, ANN202
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
 def _same_code(function: Any, reference: FunctionType) -> bool:
-    """Whether ``function`` compiles to the same bytecode, constants and names as ``reference``."""
+    """Whether ``function`` compiles to the same bytecode, names and constants as ``reference`` (docstrings aside:
+    ``co_consts[0]`` holds the docstring, or ``None`` in its place)."""
     code: CodeType | None = getattr(function, "__code__", None)
+    if code is None:
+        return False
+
+    def body_constants(f: Any) -> tuple:
+        constants = f.__code__.co_consts
+        return constants[1:] if constants and (constants[0] is None or constants[0] == f.__doc__) else constants
+
     ref = reference.__code__
-    return code is not None and all(
-        getattr(code, field) == getattr(ref, field) for field in ("co_code", "co_consts", "co_names", "co_varnames")
+    return body_constants(function) == body_constants(reference) and all(
+        getattr(code, field) == getattr(ref, field) for field in ("co_code", "co_names", "co_varnames")
     )
+
+
+def _wrapped_function(obj: Any) -> FunctionType | None:
+    """The Python function behind a module-level name: itself, or the one a ``kernels`` function module (what
+    transformers' ``use_kernel_forward_from_hub`` makes of a function) calls when no kernel replaced it."""
+    if isinstance(obj, FunctionType):
+        return obj
+    if isinstance(obj, torch.nn.Module) and "forward" not in vars(obj):
+        cells = getattr(type(obj).forward, "__closure__", None) or ()
+        functions = [cell.cell_contents for cell in cells if isinstance(cell.cell_contents, FunctionType)]
+        return functions[0] if len(functions) == 1 else None
+    return None
+
+
+@contextlib.contextmanager
+def _fused_rotary_functions(model: torch.nn.Module) -> Iterator[None]:
+    """``apply_rotary_pos_emb`` of every modeling module of ``model``'s layers whose code is Llama's runs
+    :func:`fused_rotary` inside the block (the attention layers call it by its module-level name, so the name, or the
+    ``forward`` of the function module it stands for, is what is patched: for every model of that module, for the
+    block's duration; the rule computes the same function, so a concurrent caller gets the same values)."""
+    restore: list[Callable[[], None]] = []
+    try:
+        for name in sorted({type(m).__module__ for m in model.modules()}):
+            modeling = sys.modules.get(name)
+            target = getattr(modeling, "apply_rotary_pos_emb", None)
+            function = _wrapped_function(target)
+            if function is None or not _same_code(function, _llama_rotary_code):
+                continue
+            if not _same_code(getattr(modeling, "rotate_half", None), rotate_half):
+                continue
+            if isinstance(target, FunctionType):
+                modeling.apply_rotary_pos_emb = fused_rotary
+                restore.append(
+                    lambda modeling=modeling, target=target: setattr(modeling, "apply_rotary_pos_emb", target)
+                )
+            else:
+                target.forward = fused_rotary
+                restore.append(lambda target=target: delattr(target, "forward"))
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
 
 
 def _rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -157,18 +269,21 @@ def autocast_enabled(model: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def fused_blocks(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the block, the RMSNorms and SiLU-gated MLPs of ``model`` that match Llama's code run :class:`_RMSNorm`
-    and :class:`_SiluGate` (the same primal, explicit tangent and reverse rules). Nothing changes under autocast (the
+    """Inside the block, the RMSNorms, SiLU-gated MLPs and rotary embeddings of ``model`` that match Llama's code run
+    :class:`_RMSNorm`, :class:`_SiluGate` and :class:`_Rotary` (the same primal, explicit tangent and reverse rules). Nothing changes under autocast (the
     rules would bypass its casts); modules with an instance-level ``forward`` are left alone."""
+    if autocast_enabled(model):
+        yield
+        return
     patched: list[torch.nn.Module] = []
     try:
-        if not autocast_enabled(model):
-            for module in model.modules():
-                forward = None if "forward" in vars(module) else _fused_forward(module)
-                if forward is not None:
-                    module.forward = forward.__get__(module)
-                    patched.append(module)
-        yield
+        for module in model.modules():
+            forward = None if "forward" in vars(module) else _fused_forward(module)
+            if forward is not None:
+                module.forward = forward.__get__(module)
+                patched.append(module)
+        with _fused_rotary_functions(model):
+            yield
     finally:
         for module in patched:
             del module.forward
