@@ -610,8 +610,8 @@ def _outermost_blocks(model: torch.nn.Module, *, checkpointed_only: bool = False
 @contextlib.contextmanager
 def _theta0_state(model: torch.nn.Module, adapter_name: str) -> Iterator[None]:
     """The state the teacher's θ0 forward runs in, re-entered when a checkpointed block of it is recomputed: θ0
-    (:func:`at_theta0`) with SDPA on its fused kernels first and the fused RMSNorm/MLP rules (:func:`fused_blocks`),
-    as in the one-pass teacher, so that both give the same gradient. Only ``adapter_name``'s branch runs (at scale 0:
+    (:func:`at_theta0`) with SDPA on its fused kernels first and the fused block rules (:func:`fused_blocks`), as in
+    the one-pass teacher, so that both give the same gradient. Only ``adapter_name``'s branch runs (at scale 0:
     it is what makes the LoRA outputs ``y_l`` nodes of the graph)."""
     with (
         at_theta0(model),
@@ -968,7 +968,7 @@ def linearized_teacher_forward(
                 logits = fwAD.unpack_dual(outputs.logits)
                 hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
                 hidden = [fwAD.unpack_dual(hidden[i]) for i in hidden_layers]
-                tangent_logits = logits.tangent.detach()
+                tangent_out = logits.tangent.detach()  # logits' tangent, or the head input's
                 base_hidden = tuple(h.primal.detach() for h in hidden)
                 tangent_hidden = tuple(h.tangent.detach() for h in hidden)
                 root = logits.primal
@@ -988,7 +988,7 @@ def linearized_teacher_forward(
     return TeacherPass(
         rows=rows,
         base_out=root.detach(),
-        tangent_out=tangent_logits,
+        tangent_out=tangent_out,
         base_hidden=base_hidden,
         tangent_hidden=tangent_hidden,
         head=head if head_input_only else None,
