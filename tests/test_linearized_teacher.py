@@ -328,6 +328,7 @@ def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent)
     forward = linearized_teacher_forward if tangent == "jvp" else finite_difference_teacher_forward
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     recomputed = []
+    stopped_at_head = []  # the exact pass stops at the LM head's input from its second call on, checkpointed or not
     backward = False
     for block in blocks:  # a LoRA layer inside: checkpoints recompute `forward`, so the block's own hooks stay out
         first = next(m for m in block.modules() if isinstance(m, LoraLayer))
@@ -338,6 +339,7 @@ def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent)
         recomputed.clear()
         with unparked(model, "teacher"):
             one_pass = forward(model, inputs, "teacher", rows, (-1,))
+            stopped_at_head.append(one_pass.head is not None)
             with scaled_adapters(model, {"default": 1.7}):  # as if the student's scale had moved in between
                 backward = True  # the θ0 backward runs inside the loss (it takes δ_l)
                 loss = linearized_teacher_loss(
@@ -369,6 +371,7 @@ def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent)
               f"grad error {error:.1e}, peak {peak_checkpointed} B vs {peak_plain} B")  # fmt: skip
         assert error < 1e-12
         assert peak_checkpointed < peak_plain
+        assert stopped_at_head[1:] == [tangent == "jvp"] * (len(stopped_at_head) - 1)
         base.activation_checkpointing_disable()
     assert 0 < len(checkpointed) < len(blocks)  # every_n_layers=2 left some blocks out
 

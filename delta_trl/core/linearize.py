@@ -935,7 +935,6 @@ def linearized_teacher_forward(
     frozen_head = (
         type(head) is torch.nn.Linear
         and not any(p.requires_grad for p in head.parameters())
-        and not checkpointed
         and not autocast_enabled(model)
     )
     head_input_only = frozen_head and _HEAD_OUTPUT_IS_LOGITS.get(head) is True
@@ -974,9 +973,10 @@ def linearized_teacher_forward(
                 root = logits.primal
                 del outputs, hidden, logits
             if checkpointed:
-                outputs, captured = _theta0_graph_forward(
-                    model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
-                )
+                with _head_returns_its_input(head) if head_input_only else contextlib.nullcontext():
+                    outputs, captured = _theta0_graph_forward(
+                        model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
+                    )
                 root = outputs.logits
                 if hidden_layers:  # the point the gradient is taken at (the kernels may differ in the last bits)
                     hidden = hidden_states_of(outputs, is_encoder_decoder)
