@@ -394,7 +394,8 @@ def test_the_pass_stops_at_the_heads_input_only_where_the_heads_output_is_the_lo
     model = _peft(kind)
     first, loss, grads = run(model)
     second, loss_2, grads_2 = run(model)
-    assert first.head is None and second.head is model.get_base_model().get_output_embeddings()
+    assert first.head is None
+    assert second.head is model.get_base_model().get_output_embeddings()
     assert second.base_out.shape[-1] == (model.config.d_model if kind == "t5" else model.config.hidden_size)
     assert_close(loss_2, loss, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_2, grads, strict=True):
