@@ -328,7 +328,7 @@ def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent)
     forward = linearized_teacher_forward if tangent == "jvp" else finite_difference_teacher_forward
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     recomputed = []
-    stopped_at_head = []  # the exact pass stops at the LM head's input from its second call on, checkpointed or not
+    stopped_at_head = []  # the pass stops at the LM head's input from its second call on, checkpointed or not
     backward = False
     for block in blocks:  # a LoRA layer inside: checkpoints recompute `forward`, so the block's own hooks stay out
         first = next(m for m in block.modules() if isinstance(m, LoraLayer))
@@ -371,22 +371,26 @@ def test_activation_checkpointing_is_honoured_by_the_teacher_pass(kind, tangent)
               f"grad error {error:.1e}, peak {peak_checkpointed} B vs {peak_plain} B")  # fmt: skip
         assert error < 1e-12
         assert peak_checkpointed < peak_plain
-        assert stopped_at_head[1:] == [tangent == "jvp"] * (len(stopped_at_head) - 1)
+        assert stopped_at_head[1:] == [True] * (len(stopped_at_head) - 1)
         base.activation_checkpointing_disable()
     assert 0 < len(checkpointed) < len(blocks)  # every_n_layers=2 left some blocks out
 
 
+@pytest.mark.parametrize("tangent", ["jvp", "fd"])
 @pytest.mark.parametrize("kind", ["llama", "t5"])
-def test_the_pass_stops_at_the_heads_input_only_where_the_heads_output_is_the_logits(kind):
+def test_the_pass_stops_at_the_heads_input_only_where_the_heads_output_is_the_logits(kind, tangent):
     """A model's first teacher pass learns whether its LM head's output is its logits; from the second on the pass
-    stops at the head's input and ``f_lin = W·(h0 + α·ḣ)`` (one (N, V) matmul). Same loss, gradient and logits."""
+    stops at the head's input and ``f_lin = W·(h0 + α·ḣ)`` (one (N, V) matmul). Same loss, gradient and logits (the
+    FD teacher's difference is taken at the head's input then: the same up to rounding divided by ε)."""
     inputs = _inputs(kind)
     rows, targets = row_targets(inputs["labels"], shift=kind == "llama")
+    forward = linearized_teacher_forward if tangent == "jvp" else finite_difference_teacher_forward
+    tolerance = 1e-12 if tangent == "jvp" else 1e-8
 
     def run(model):
         teacher = [p for n, p in model.named_parameters() if ".teacher." in n]
         with unparked(model, "teacher"):
-            one_pass = linearized_teacher_forward(model, inputs, "teacher", rows, (-1,))
+            one_pass = forward(model, inputs, "teacher", rows, (-1,))
             loss = linearized_teacher_loss(model, "teacher", one_pass, lambda z: rows_cross_entropy(z, targets), 1.3)
             grads = torch.autograd.grad(loss, teacher)
         return one_pass, loss, grads
@@ -397,12 +401,12 @@ def test_the_pass_stops_at_the_heads_input_only_where_the_heads_output_is_the_lo
     assert first.head is None
     assert second.head is model.get_base_model().get_output_embeddings()
     assert second.base_out.shape[-1] == (model.config.d_model if kind == "t5" else model.config.hidden_size)
-    assert_close(loss_2, loss, rtol=1e-12, atol=1e-12)
+    assert_close(loss_2, loss, rtol=tolerance, atol=tolerance)
     for a, b in zip(grads_2, grads, strict=True):
-        assert_close(a, b, rtol=1e-12, atol=1e-13)
+        assert_close(a, b, rtol=tolerance, atol=tolerance)
     for get in (lambda p: p.base_logits, lambda p: p.tangent_logits, lambda p: p.logits(0.4), lambda p: p.logits(1.3)):
-        assert_close(get(second), get(first), rtol=1e-12, atol=1e-12)
-    assert_close(second.full_logits(1.3)[rows], first.logits(1.3), rtol=1e-12, atol=1e-12)
+        assert_close(get(second), get(first), rtol=tolerance, atol=tolerance)
+    assert_close(second.full_logits(1.3)[rows], first.logits(1.3), rtol=tolerance, atol=tolerance)
 
     # logits changed after the head (as soft-capping or a logit scale would): the pass keeps computing them whole
     scaled = _peft(kind)
@@ -412,4 +416,4 @@ def test_the_pass_stops_at_the_heads_input_only_where_the_heads_output_is_the_lo
     for _ in range(2):
         one_pass, _, _ = run(scaled)
         assert one_pass.head is None
-    assert_close(one_pass.logits(1.3), 2 * first.logits(1.3), rtol=1e-12, atol=1e-12)  # the same weights, scaled
+    assert_close(one_pass.logits(1.3), 2 * first.logits(1.3), rtol=tolerance, atol=tolerance)  # same weights, scaled

@@ -844,6 +844,41 @@ def _head_returns_its_input(head: torch.nn.Module) -> Iterator[None]:
             head.forward = patched
 
 
+class _HeadShortcut:
+    """Whether a teacher pass may stop at the LM head's input (:class:`TeacherPass`), and the means to learn it.
+
+    Only a frozen ``nn.Linear`` head, outside autocast, whose output a previous pass saw the model return unchanged as
+    its logits. :meth:`watch` (registered after every other hook of the pass, so it sees what they return) and
+    :meth:`learn` record that on a model's first pass; from the next pass on :meth:`context` makes the head pass its
+    input through.
+    """
+
+    def __init__(self, model: torch.nn.Module, base: torch.nn.Module) -> None:
+        head = base.get_output_embeddings()
+        frozen = (
+            type(head) is torch.nn.Linear
+            and not any(p.requires_grad for p in head.parameters())
+            and not autocast_enabled(model)
+        )
+        self.head = head if frozen else None
+        self.active = frozen and _HEAD_OUTPUT_IS_LOGITS.get(head) is True
+        self._learning = frozen and head not in _HEAD_OUTPUT_IS_LOGITS
+        self._outputs: list[torch.Tensor] = []
+
+    def watch(self) -> list[torch.utils.hooks.RemovableHandle]:
+        if not self._learning:
+            return []
+        return [self.head.register_forward_hook(lambda module, args, output: self._outputs.append(output))]
+
+    def learn(self, logits: torch.Tensor) -> None:
+        if self._outputs:
+            _HEAD_OUTPUT_IS_LOGITS[self.head] = len(self._outputs) == 1 and logits is self._outputs[0]
+            self._outputs.clear()
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return _head_returns_its_input(self.head) if self.active else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def logits_on_rows(model: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
     """The LM head computes only the given rows: its input ``(B, T, H)`` becomes ``(N, H)``, the logits ``(N, V)``."""
@@ -931,21 +966,12 @@ def linearized_teacher_forward(
             m.register_forward_hook(_cut_tangent_graph) for m in base.modules() if m not in skip and m not in layer_set
         ]
         handles += [layer.register_forward_hook(capture) for layer in layers]
-    head = base.get_output_embeddings()
-    frozen_head = (
-        type(head) is torch.nn.Linear
-        and not any(p.requires_grad for p in head.parameters())
-        and not autocast_enabled(model)
-    )
-    head_input_only = frozen_head and _HEAD_OUTPUT_IS_LOGITS.get(head) is True
-    head_outputs: list[torch.Tensor] = []
-    if frozen_head and head not in _HEAD_OUTPUT_IS_LOGITS:  # registered last: sees what the other hooks return
-        handles.append(head.register_forward_hook(lambda module, args, output: head_outputs.append(output)))
+    shortcut = _HeadShortcut(model, base)
+    handles += shortcut.watch()
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     one = torch.ones_like(zero)
     saved = _SavedTangentRelease(base, keep_tangents=[one]) if graph_in_pass else contextlib.nullcontext()
     attention = _FusedAttentionMode() if graph_in_pass else contextlib.nullcontext()
-    head_input = _head_returns_its_input(head) if head_input_only else contextlib.nullcontext()
     try:
         with jvp_safe_mode(model), logits_on_rows(base, rows):
             with (
@@ -957,13 +983,11 @@ def linearized_teacher_forward(
                 saved,
                 attention,
                 torch.set_grad_enabled(graph_in_pass),
-                head_input,
+                shortcut.context(),
             ):
                 with scaled_adapters(model, {adapter_name: fwAD.make_dual(zero, one)}):
                     outputs = (model if checkpointed else forward_model or model)(**kwargs)
-                if head_outputs:
-                    _HEAD_OUTPUT_IS_LOGITS[head] = len(head_outputs) == 1 and outputs.logits is head_outputs[0]
-                    head_outputs.clear()
+                shortcut.learn(outputs.logits)
                 logits = fwAD.unpack_dual(outputs.logits)
                 hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
                 hidden = [fwAD.unpack_dual(hidden[i]) for i in hidden_layers]
@@ -973,7 +997,7 @@ def linearized_teacher_forward(
                 root = logits.primal
                 del outputs, hidden, logits
             if checkpointed:
-                with _head_returns_its_input(head) if head_input_only else contextlib.nullcontext():
+                with shortcut.context():
                     outputs, captured = _theta0_graph_forward(
                         model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
                     )
@@ -991,7 +1015,7 @@ def linearized_teacher_forward(
         tangent_out=tangent_out,
         base_hidden=base_hidden,
         tangent_hidden=tangent_hidden,
-        head=head if head_input_only else None,
+        head=shortcut.head if shortcut.active else None,
         _root=root if training else None,
         _captured=captured if training else None,
     )
@@ -1134,26 +1158,40 @@ def finite_difference_teacher_forward(
         hidden = hidden_states_of(outputs, is_encoder_decoder) if hidden_layers else ()
         return outputs.logits, tuple(hidden[i] for i in hidden_layers)
 
-    with (
-        jvp_safe_mode(model),
-        sdpa_kernel(_FUSED_FIRST, set_priority=True),  # no forward-mode AD here: the exact pass's primal kernels
-        logits_on_rows(base, rows),
-    ):
-        with torch.no_grad(), scaled_adapters(model, {**others, adapter_name: eps}), only_adapter(model, adapter_name):
-            perturbed_logits, perturbed_hidden = outputs_of(model(**kwargs))
-        outputs, captured = _theta0_graph_forward(
-            model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
-        )
-        root, hidden = outputs_of(outputs)
-        del outputs
-    base_logits = root.detach()
+    shortcut = _HeadShortcut(model, base)  # both forwards stop at the head's input, or neither does
+    handles = shortcut.watch()
+    try:
+        with (
+            jvp_safe_mode(model),
+            sdpa_kernel(_FUSED_FIRST, set_priority=True),  # no forward-mode AD here: the exact pass's primal kernels
+            logits_on_rows(base, rows),
+            shortcut.context(),
+        ):
+            with (
+                torch.no_grad(),
+                scaled_adapters(model, {**others, adapter_name: eps}),
+                only_adapter(model, adapter_name),
+            ):
+                outputs = model(**kwargs)
+            shortcut.learn(outputs.logits)
+            perturbed_out, perturbed_hidden = outputs_of(outputs)
+            outputs, captured = _theta0_graph_forward(
+                model, kwargs, adapter_name, checkpointed=checkpointed, forward_model=forward_model
+            )
+            root, hidden = outputs_of(outputs)
+            del outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+    base_out = root.detach()
     base_hidden = tuple(h.detach() for h in hidden)
     return TeacherPass(
         rows=rows,
-        base_out=base_logits,
-        tangent_out=(perturbed_logits - base_logits) / eps,
+        base_out=base_out,
+        tangent_out=(perturbed_out - base_out) / eps,
         base_hidden=base_hidden,
         tangent_hidden=tuple((h - h0) / eps for h, h0 in zip(perturbed_hidden, base_hidden, strict=True)),
+        head=shortcut.head if shortcut.active else None,
         _root=root if training else None,
         _captured=captured if training else None,
     )
