@@ -362,6 +362,11 @@ def _frozen_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tens
     return _FrozenLinear.apply(x, self.weight, self.bias)
 
 
+def _is_frozen_linear(module: torch.nn.Module | None) -> bool:
+    """A plain ``nn.Linear`` (not a LoRA layer or a subclass) whose weight and bias take no gradient."""
+    return type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters())
+
+
 @contextlib.contextmanager
 def frozen_linear_jvp(model: torch.nn.Module) -> Iterator[None]:
     """Inside the block every frozen ``nn.Linear`` of ``model`` (base layers under LoRA, the LM head) propagates
@@ -371,8 +376,7 @@ def frozen_linear_jvp(model: torch.nn.Module) -> Iterator[None]:
     try:
         if not autocast_enabled(model):
             for module in model.modules():
-                frozen = not module.weight.requires_grad if type(module) is torch.nn.Linear else False
-                if frozen and (module.bias is None or not module.bias.requires_grad) and "forward" not in vars(module):
+                if _is_frozen_linear(module) and "forward" not in vars(module):
                     module.forward = _frozen_linear_forward.__get__(module)
                     patched.append(module)
         yield
@@ -855,11 +859,7 @@ class _HeadShortcut:
 
     def __init__(self, model: torch.nn.Module, base: torch.nn.Module) -> None:
         head = base.get_output_embeddings()
-        frozen = (
-            type(head) is torch.nn.Linear
-            and not any(p.requires_grad for p in head.parameters())
-            and not autocast_enabled(model)
-        )
+        frozen = _is_frozen_linear(head) and not autocast_enabled(model)
         self.head = head if frozen else None
         self.active = frozen and _HEAD_OUTPUT_IS_LOGITS.get(head) is True
         self._learning = frozen and head not in _HEAD_OUTPUT_IS_LOGITS
