@@ -186,7 +186,7 @@ def _generative_batch(
     text_ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     pairs = [(t, w) for t in text_ids for w in word_ids]
     if is_encoder_decoder:
-        enc = _pad([t for t, _ in pairs], pad)
+        enc = pad_rows([t for t, _ in pairs], pad)
         width = max(len(w) for _, w in pairs)
         labels = torch.tensor([w + [-100] * (width - len(w)) for _, w in pairs])
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -205,7 +205,8 @@ def _generative_batch(
     return {"input_ids": ids, "attention_mask": mask}, target, target_mask
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Token id rows right-padded with ``pad`` to the longest, as one ``(N, T)`` tensor."""
     width = max(len(r) for r in rows)
     return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows])
 
@@ -223,11 +224,11 @@ def _single_token_batch(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     text_ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     if is_encoder_decoder:
-        enc = _pad(text_ids, pad)
+        enc = pad_rows(text_ids, pad)
         start = model.prepare_decoder_input_ids_from_labels(labels=torch.tensor([[word_ids[0][0]]] * len(texts)))
         inputs = {"input_ids": enc, "attention_mask": (enc != pad).long(), "decoder_input_ids": start}
         return inputs, torch.ones(len(texts), 1, dtype=torch.bool)
-    ids = _pad(text_ids, pad)
+    ids = pad_rows(text_ids, pad)
     mask = torch.tensor([[1] * len(t) + [0] * (ids.shape[1] - len(t)) for t in text_ids])
     position = torch.zeros_like(ids, dtype=torch.bool)
     for row, t in enumerate(text_ids):

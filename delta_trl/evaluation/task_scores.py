@@ -28,11 +28,11 @@ from delta_trl.core.losses import IGNORE_INDEX, completion_logps
 from delta_trl.evaluation.metrics import exact_match
 from delta_trl.evaluation.scoring import (
     ClassificationSet,
-    _pad,
     accuracy,
     class_scores_many,
     merged_logits,
     merged_logits_many,
+    pad_rows,
 )
 
 
@@ -118,7 +118,7 @@ def greedy_token_ids(
     out: list[list[int]] = [[] for _ in prompts]
 
     def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = _pad(rows, pad)
+        ids = pad_rows(rows, pad)
         lengths = torch.tensor([len(row) for row in rows])
         return ids, (torch.arange(ids.shape[1]) < lengths[:, None]).long()  # from lengths: pad may be a real token
 
